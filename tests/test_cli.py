@@ -1,0 +1,51 @@
+"""The command line, run as a user runs it: a small real study in two worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+ENV = {**os.environ, "COLUMNS": "160", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def workbench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Path) -> None:
+    first = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "best trial per model" in first.stdout and "mlp" in first.stdout
+    out = tmp_path / "runs" / "tiny"
+    study = optuna.load_study(study_name="tiny/mlp", storage=f"sqlite:///{out / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert 3 <= len(finished) <= 4  # 3 asked; two workers may both start the last one
+    assert {p.name for p in (out / "logs").iterdir()} == {"worker-0.log", "worker-1.log"}
+    assert (out / "study.resolved.json").exists() and (out / "split.npz").exists()
+
+    again = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "every model study is complete" in again.stdout
+    assert len(optuna.load_study(study_name="tiny/mlp", storage=study._storage).trials) == len(
+        study.trials
+    )
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[models.cnn]\n[cv]\nfolds = 3\n[data]\nsource = "idx"\n')
+    result = workbench("study", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data.path is not set" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,0 +1,139 @@
+"""The study file: every bad input gets an error naming the file, the key path and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workbench.config import (
+    Choice,
+    FloatRange,
+    IntRange,
+    StudyConfig,
+    fingerprint,
+    load_study,
+    resolved,
+    resume_key,
+)
+from workbench.errors import ConfigError
+from workbench.models import check_models
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = """
+name = "t"
+[models.cnn.space]
+lr = { low = 1e-4, high = 1e-2, log = true }
+width = { choices = [8, 16] }
+depth = { low = 1, high = 3 }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("study", sorted((ROOT / "studies").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_study_files_load_and_name_registered_models(study: Path) -> None:
+    cfg = load_study(study)
+    check_models(cfg)
+    assert cfg.models
+
+
+def test_space_kinds_are_read_from_the_toml_types(tmp_path: Path) -> None:
+    cfg = load_study(write(tmp_path, GOOD))
+    space = cfg.models["cnn"].space
+    assert isinstance(space["lr"], FloatRange) and space["lr"].log
+    assert isinstance(space["depth"], IntRange) and (space["depth"].low, space["depth"].high) == (
+        1,
+        3,
+    )
+    assert isinstance(space["width"], Choice) and space["width"].choices == (8, 16)
+    # defaults are filled in, and the config is frozen
+    assert cfg.cv.folds == 5 and cfg.train.optimizer == "adamw"
+    with pytest.raises(Exception, match="frozen"):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        # TOML syntax error: line and column
+        ('name = "t"\n[models.cnn\n', r"study\.toml: TOML syntax error: .*line 2"),
+        # unknown key, with the closest known one suggested
+        (GOOD + "[train]\nepoch = 3\n", r"train\.epoch: unknown key; did you mean 'epochs'\?"),
+        (GOOD + "[cv]\nfold = 3\n", r"cv\.fold: unknown key; did you mean 'folds'\?"),
+        # unknown key inside a search-space entry
+        (
+            GOOD.replace("log = true", "logg = true"),
+            r"models\.cnn\.space\.lr\.logg: unknown key; did you mean 'log'",
+        ),
+        # wrong type
+        (GOOD + '[cv]\nfolds = "five"\n', r"cv\.folds: .*valid integer.*'five'"),
+        (GOOD + '[train]\nlr = "fast"\n', r"train\.lr: .*'fast'"),
+        # low > high names the path and both values
+        (
+            GOOD.replace("low = 1, high = 3", "low = 4, high = 3"),
+            r"models\.cnn\.space\.depth: .*low <= high.*low=4, high=3",
+        ),
+        (
+            GOOD.replace("low = 1e-4", "low = 0.0"),
+            r"models\.cnn\.space\.lr: a log range needs `low > 0`",
+        ),
+        # an invalid value of a searched [train] key
+        (
+            GOOD + '[models.cnn.params]\noptimizer = "adam"\n',
+            r"models\.cnn\.params\.optimizer: 'adam' is not a valid `train\.optimizer`",
+        ),
+        # out-of-range values
+        (GOOD + "[cv]\nfolds = 1\n", r"cv\.folds: .*greater than or equal to 2"),
+        # empty choices, and missing name
+        (GOOD.replace("[8, 16]", "[]"), r"models\.cnn\.space\.width\.choices"),
+        ("[models.cnn]\n", r"name: required key is missing"),
+    ],
+)
+def test_bad_study_files_name_the_culprit(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        load_study(write(tmp_path, text))
+    assert str(tmp_path / "study.toml") in str(info.value)
+
+
+def test_missing_study_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: study file not found"):
+        load_study(tmp_path / "nope.toml")
+
+
+def test_unknown_model_lists_the_registry(tmp_path: Path) -> None:
+    cfg = load_study(write(tmp_path, GOOD + "[models.vit]\n"))
+    with pytest.raises(
+        ConfigError,
+        match=r"models\.vit: unknown model 'vit'; registered models: \['cnn', 'mlp', 'resnet'\]",
+    ):
+        check_models(cfg)
+
+
+def test_unknown_hyperparameter_of_a_model(tmp_path: Path) -> None:
+    cfg = load_study(write(tmp_path, GOOD.replace("width =", "widht =")))
+    with pytest.raises(
+        ConfigError,
+        match=r"models\.cnn\.space\.widht: 'cnn' has no hyperparameter 'widht'; "
+        r"did you mean 'width'",
+    ):
+        check_models(cfg)
+
+
+def test_trials_override_sets_every_model(tmp_path: Path) -> None:
+    cfg = load_study(write(tmp_path, GOOD + "[models.mlp]\ntrials = 9\n"), trials=3)
+    assert cfg.trials_for("cnn") == 3 and cfg.trials_for("mlp") == 3
+
+
+def test_resume_key_ignores_trial_counts_but_not_the_space(tmp_path: Path) -> None:
+    a = load_study(write(tmp_path, GOOD))
+    b = load_study(write(tmp_path, GOOD), trials=50)
+    c = load_study(write(tmp_path, GOOD.replace("high = 1e-2", "high = 1e-1")))
+    assert resume_key(a) == resume_key(b)
+    assert resume_key(a) != resume_key(c)
+    assert fingerprint(resolved(a)) != fingerprint(resolved(b))  # the full config does differ
+    assert StudyConfig.model_validate(resolved(a)) == a  # the resolved dump round-trips

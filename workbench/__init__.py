@@ -1,0 +1,1 @@
+"""workbench: ensemble research workbench for PyTorch image classifiers."""

@@ -1,0 +1,352 @@
+"""A study file: TOML parsed into frozen, typed objects, validated once when it is loaded.
+
+Every section and key is declared here, with its unit or meaning. Unknown keys are errors that name
+the closest known key; search spaces are data (`[models.<name>.space.<param>]`). Code downstream
+trusts these objects and never re-validates them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from workbench.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# --- search spaces -----------------------------------------------------------------------------
+
+
+class IntRange(_Frozen):
+    """An integer hyperparameter drawn from [low, high] (both TOML integers)."""
+
+    low: int
+    high: int
+    step: int = 1  # grid spacing; must be 1 when log = true
+    log: bool = False  # sample log-uniformly; needs low >= 1
+
+    @model_validator(mode="after")
+    def _check(self) -> IntRange:
+        _check_range(self.low, self.high, self.log, self.step if self.step != 1 else None)
+        if self.step < 1:
+            raise ValueError(
+                f"`step >= 1` must hold for an integer range, but got step={self.step}"
+            )
+        return self
+
+
+class FloatRange(_Frozen):
+    """A float hyperparameter drawn from [low, high]."""
+
+    low: float
+    high: float
+    step: float | None = None  # optional grid spacing; not allowed with log = true
+    log: bool = False  # sample log-uniformly; needs low > 0
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatRange:
+        _check_range(self.low, self.high, self.log, self.step)
+        return self
+
+
+class Choice(_Frozen):
+    """A categorical hyperparameter: one of `choices`."""
+
+    choices: tuple[Scalar, ...] = Field(min_length=1, strict=False)  # TOML arrays are lists
+
+
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if low > high:
+        raise ValueError(f"`low <= high` must hold, but got low={low}, high={high}")
+    if log and low <= 0:
+        raise ValueError(f"a log range needs `low > 0`, but got low={low}")
+    if log and step is not None:
+        raise ValueError("`step` and `log = true` cannot be combined; drop one of them")
+
+
+def _param_kind(v: Any) -> str:
+    """The union tag of a search-space entry: from a TOML table, or from a model when dumping."""
+    tags: dict[type, str] = {
+        IntRange: "<int range>",
+        FloatRange: "<float range>",
+        Choice: "<choices>",
+    }
+    if type(v) in tags:
+        return tags[type(v)]
+    if isinstance(v, dict):
+        if "choices" in v:
+            return "<choices>"
+        ends = [v.get("low"), v.get("high")]
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in ends):
+            return "<int range>"
+    return "<float range>"
+
+
+Param = Annotated[
+    Annotated[IntRange, Tag("<int range>")]
+    | Annotated[FloatRange, Tag("<float range>")]
+    | Annotated[Choice, Tag("<choices>")],
+    Discriminator(_param_kind),
+]
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+class AugmentConfig(_Frozen):
+    """On-the-fly augmentation of training batches only (never validation or test rows)."""
+
+    shift: int = Field(0, ge=0)  # max random translation in pixels (pad-and-crop); 0 = off
+    hflip: bool = False  # random horizontal flips; wrong for digits, right for CIFAR
+
+
+class DataConfig(_Frozen):
+    source: Literal["digits", "idx", "torchvision", "folder"] = "digits"
+    path: str | None = None  # IDX folder, torchvision root or image folder; `--data` overrides
+    dataset: str | None = None  # torchvision class name (MNIST, FashionMNIST, KMNIST, CIFAR10)
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)  # held-out fraction when the source has no own
+    use_source_test: bool = True  # use the source's own test split where it has one
+    resize: tuple[int, int] | None = Field(
+        None, strict=False
+    )  # (height, width) for image folders of mixed sizes
+    augment: AugmentConfig = AugmentConfig()
+
+
+class CVConfig(_Frozen):
+    folds: int = Field(5, ge=2)  # stratified k-fold on the training rows
+    metric: Literal["accuracy", "log_loss"] = "accuracy"  # a trial's value: mean over folds
+
+
+class SearchConfig(_Frozen):
+    trials: int = Field(20, ge=1)  # finished (complete + pruned) trials per model study
+    workers: int = Field(0, ge=0)  # worker processes; 0 = one per core
+    sampler: Literal["tpe", "random"] = "tpe"
+    startup_trials: int = Field(8, ge=0)  # random trials before TPE models the space
+    pruner: Literal["median", "percentile", "none"] = "median"
+    pruner_startup_trials: int = Field(4, ge=0)  # finished trials before any pruning
+    pruner_warmup_epochs: int = Field(2, ge=0)  # epochs of each fold never pruned
+    percentile: float = Field(25.0, gt=0.0, lt=100.0)  # for pruner = "percentile"
+    storage: str | None = None  # Optuna RDB URL; default sqlite in the output folder
+
+
+class TrainConfig(_Frozen):
+    """Training defaults for every model; any of these keys may also be searched per model."""
+
+    epochs: int = Field(20, ge=1)  # passes over the fold's training rows
+    batch_size: int = Field(64, ge=1)  # images per optimizer step
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0.0)  # peak learning rate
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD momentum (AdamW ignores it)
+    weight_decay: float = Field(5e-4, ge=0.0)  # decoupled (AdamW) or L2 (SGD)
+    schedule: Literal["onecycle", "cosine", "cosine_restarts", "constant"] = "onecycle"
+    cycles: int = Field(1, ge=1)  # cosine_restarts: equal cycles over the run (snapshots)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(0.0, ge=0.0)  # max global gradient norm; 0 = off
+    patience: int = Field(0, ge=0)  # early stop after this many epochs without val-loss gain
+    class_weights: bool = False  # weight the loss by inverse class frequency
+
+
+class ModelSpec(_Frozen):
+    arch: str | None = None  # registry name of the factory; default: the section's own name
+    trials: int | None = Field(None, ge=1)  # overrides search.trials for this model
+    params: dict[str, Scalar] = {}  # fixed hyperparameters (factory kwargs or [train] keys)
+    space: dict[str, Param] = {}  # searched hyperparameters
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> ModelSpec:
+        both = sorted(set(self.params) & set(self.space))
+        if both:
+            raise ValueError(f"{both} appear in both `params` and `space`; keep each in one")
+        return self
+
+
+Method = Literal["hard_voting", "soft_voting", "weighted", "selection"]
+
+
+class EnsembleConfig(_Frozen):
+    """Which members, which combiners; weights are fit on out-of-fold rows, never on test rows."""
+
+    enabled: bool = True
+    top_k: int = Field(3, ge=1)  # candidates: the best k completed trials of each model study
+    methods: tuple[Method, ...] = Field(
+        ("hard_voting", "soft_voting", "weighted", "selection"), min_length=1, strict=False
+    )
+    selection_iterations: int = Field(50, ge=1)  # ensemble selection: greedy additions
+    selection_init: int = Field(3, ge=1)  # ensemble selection: start from the N best members
+    selection_bags: int = Field(1, ge=1)  # ensemble selection: bagged runs averaged
+    temperature: bool = True  # temperature-scale the chosen ensemble, T fit on OOF rows
+    snapshots: int = Field(0, ge=0)  # cosine cycles of a snapshot run of each best config; 0 off
+    bootstrap: int = Field(2000, ge=100)  # paired bootstrap resamples for confidence intervals
+
+
+class TrackingConfig(_Frozen):
+    enabled: bool = True
+    uri: str | None = None  # MLflow tracking URI; default: MLFLOW_TRACKING_URI, else local sqlite
+    experiment: str | None = None  # default: the study name
+    register_as: str | None = None  # register the final ensemble under this model name
+
+
+class StudyConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # names folders and studies
+    seed: int = 0  # one seed for splits, folds, samplers and weights
+    output_dir: str = "runs"  # results go to <output_dir>/<name>/
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    cv: CVConfig = CVConfig()
+    search: SearchConfig = SearchConfig()
+    train: TrainConfig = TrainConfig()
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    ensemble: EnsembleConfig = EnsembleConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _train_keys(self) -> StudyConfig:
+        for model, spec in self.models.items():
+            for key, value in spec.params.items():
+                _check_train_value(self.train, f"models.{model}.params.{key}", key, value)
+            for key, p in spec.space.items():
+                values = p.choices if isinstance(p, Choice) else (p.low, p.high)
+                for v in values:
+                    _check_train_value(self.train, f"models.{model}.space.{key}", key, v)
+        return self
+
+    def trials_for(self, model: str) -> int:
+        return self.models[model].trials or self.search.trials
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _check_train_value(train: TrainConfig, where: str, key: str, value: Any) -> None:
+    """A [train] key set or searched per model must be a valid value of that key."""
+    if key not in TrainConfig.model_fields:
+        return  # a model-factory keyword: checked against the registry by workbench.models
+    try:
+        train.model_validate({**train.model_dump(), key: value})
+    except ValidationError as e:
+        raise ValueError(f"{where}: {value!r} is not a valid `train.{key}`: {_msg(e)}") from None
+
+
+def _msg(e: ValidationError) -> str:
+    return "; ".join(err["msg"] for err in e.errors())
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_study(path: str | Path, trials: int | None = None) -> StudyConfig:
+    """Read a study file; every error names the file, the key path, the value and what is valid.
+
+    `trials` (the CLI's --trials) sets the number of trials of every model study.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: study file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    if trials is not None:
+        raw.setdefault("search", {})["trials"] = trials
+        for spec in raw.get("models", {}).values():
+            if isinstance(spec, dict):
+                spec["trials"] = trials
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(path, e)) from None
+
+
+def _format(path: Path, e: ValidationError) -> str:
+    lines = [f"{path}: {e.error_count()} error(s) in the study file"]
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"] if not str(x).startswith("<")]
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(err["loc"][:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            lines.append(f"  {where}: unknown key; {hint}known keys: {', '.join(known)}")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at `loc`, walking the config classes along the key path."""
+    tags = {"<int range>": IntRange, "<float range>": FloatRange, "<choices>": Choice}
+    cls: Any = StudyConfig
+    for part in loc:
+        if isinstance(part, str) and part in tags:
+            cls = tags[part]
+        elif _is_model(cls) and part in cls.model_fields:
+            cls = _unwrap(cls.model_fields[part].annotation)
+        elif typing.get_origin(cls) is dict:
+            cls = _unwrap(typing.get_args(cls)[1])
+    return sorted(cls.model_fields) if _is_model(cls) else []
+
+
+def _is_model(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, BaseModel)
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] -> X, Annotated[X, ...] -> X."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+# --- the resolved config -----------------------------------------------------------------------
+
+
+def resolved(cfg: StudyConfig) -> dict[str, Any]:
+    """The config with every default filled in: what is written beside results and logged."""
+    return cfg.model_dump(mode="json")
+
+
+def resume_key(cfg: StudyConfig) -> dict[str, Any]:
+    """The parts that a resumed study must share with its first run (trial counts may change)."""
+    d = resolved(cfg)
+    for key in ("search", "ensemble", "tracking", "output_dir", "device"):
+        d.pop(key)
+    for spec in d["models"].values():
+        spec.pop("trials")
+    return d
+
+
+def fingerprint(d: dict[str, Any]) -> str:
+    """A short, stable hash of a JSON-able dict."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

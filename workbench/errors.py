@@ -1,0 +1,27 @@
+"""The error hierarchy: every message states the rule, the offending value and what would be valid.
+
+`WorkbenchError` is the root; the CLI turns any of them into one clear line (no traceback soup).
+Each subclass also derives from the built-in exception a caller would expect (ValueError, OSError).
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """Root of every error workbench raises on purpose."""
+
+
+class ConfigError(WorkbenchError, ValueError):
+    """The study file breaks a rule: syntax, unknown key, wrong type, bad range, unknown model."""
+
+
+class DataError(WorkbenchError, ValueError):
+    """The data cannot be read or does not fit the study: missing path, bad IDX file, bad image."""
+
+
+class CheckpointError(WorkbenchError, OSError):
+    """A checkpoint or out-of-fold file is missing, truncated or corrupt."""
+
+
+class StorageError(WorkbenchError, RuntimeError):
+    """The Optuna storage cannot be reached, or holds a study the study file no longer matches."""

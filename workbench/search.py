@@ -1,0 +1,374 @@
+"""The search: one Optuna study per model, each trial scored by stratified k-fold cross-validation.
+
+Only this module imports optuna. The parent creates every study before any worker starts (two
+workers creating a new storage at once race); workers then call `run_worker`, which runs trials
+until each study has its configured number of finished (complete + pruned) trials, so a second run
+resumes rather than restarts.
+
+Pruning. The folds are the same for every trial (seeded once per study), so "fold k, epoch e" is
+the same task in every trial. A trial reports its current fold's validation metric at step
+`k * max_epochs + e`, and the median (or percentile) pruner compares it with other trials at the
+same step: a hopeless trial is stopped within its first fold, not after k full trainings.
+
+On disk, per completed trial: `<out>/trials/<model>/<number>/fold-<k>.pt` (k fold checkpoints) and
+`oof.npz` (rows: data indices, y, proba: out-of-fold class probabilities, every training row once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from workbench.config import Choice, IntRange, Param, StudyConfig, resume_key
+from workbench.cv import CrossValidator, Pruned, Report, run_state
+from workbench.data import ImageData, Split
+from workbench.errors import CheckpointError, StorageError
+from workbench.runtime import derive_seed
+from workbench.tracking import Tracker
+
+DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
+    "accuracy": "maximize",
+    "log_loss": "minimize",
+}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HEARTBEAT_S = 10  # a worker's trial counts as dead after 3 missed heartbeats (grace 30 s)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# heartbeats and their retry callback are "experimental" since Optuna 2.8; they are the only way
+# an RDB storage learns that a worker died, so workbench relies on them knowingly.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def study_name(cfg: StudyConfig, model: str) -> str:
+    return f"{cfg.name}/{model}"
+
+
+def storage_url(cfg: StudyConfig) -> str:
+    """The study file's URL, else WORKBENCH_STORAGE, else SQLite in the output folder."""
+    default = f"sqlite:///{(cfg.out / 'optuna.db').resolve()}"
+    return cfg.search.storage or os.environ.get("WORKBENCH_STORAGE") or default
+
+
+def open_storage(cfg: StudyConfig) -> RDBStorage:
+    """An RDB storage with heartbeats: a killed worker's trial is failed and re-queued."""
+    url = storage_url(cfg)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=3 * HEARTBEAT_S,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
+    except Exception as e:  # sqlalchemy's errors, a missing driver, a refused connection
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(
+            f"cannot open the Optuna storage {url!r}: {first}. Check the URL in search.storage "
+            f"or WORKBENCH_STORAGE (e.g. postgresql://user:pass@host/db) and that the server runs."
+        ) from None
+
+
+def create_studies(cfg: StudyConfig, storage: RDBStorage) -> dict[str, optuna.Study]:
+    """Create (or load) one study per model; refuse to resume one made from an incompatible file."""
+    key = resume_key(cfg)
+    studies = {}
+    for model in cfg.models:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name(cfg, model),
+            direction=DIRECTIONS[cfg.cv.metric],
+            load_if_exists=True,
+        )
+        old = study.user_attrs.get("resume_key")
+        if old is None:
+            study.set_user_attr("resume_key", key)
+        elif old != key:
+            changed = ", ".join(_diff(old, key)) or "(structure)"
+            raise StorageError(
+                f"study '{study.study_name}' in {storage_url(cfg)} was made from a different study "
+                f"file; changed: {changed}. Undo the change, or set a new `name` (or delete "
+                f"{cfg.out}) to start a new study."
+            )
+        studies[model] = study
+    return studies
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} -> {new!r})"]
+
+
+def sample_params(trial: Trial, space: dict[str, Param]) -> dict[str, Any]:
+    """Draw one value per searched hyperparameter; names are the study file's own."""
+    out: dict[str, Any] = {}
+    for name, p in space.items():
+        if isinstance(p, Choice):
+            out[name] = trial.suggest_categorical(name, list(p.choices))  # type: ignore[arg-type]
+        elif isinstance(p, IntRange):
+            out[name] = trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
+        else:
+            out[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    return out
+
+
+def _pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    s = cfg.search
+    if s.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if s.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(
+            s.percentile,
+            n_startup_trials=s.pruner_startup_trials,
+            n_warmup_steps=s.pruner_warmup_epochs,
+        )
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_epochs
+    )
+
+
+def _sampler(cfg: StudyConfig, model: str, worker: int) -> optuna.samplers.BaseSampler:
+    seed = derive_seed(cfg.seed, model, "sampler", worker)  # differs per worker, fixed per study
+    if cfg.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=cfg.search.startup_trials, multivariate=True
+    )
+
+
+def trial_dir(cfg: StudyConfig, model: str, number: int) -> Path:
+    return cfg.out / "trials" / model / f"{number:04d}"
+
+
+@dataclass
+class Objective:
+    """Score one trial: the mean over the k folds of the study's metric."""
+
+    cv: CrossValidator
+
+    def __call__(self, trial: Trial) -> float:
+        cfg, model = self.cv.cfg, self.cv.model
+        spec = cfg.models[model]
+        hp = {**spec.params, **sample_params(trial, spec.space)}
+        out = trial_dir(cfg, model, trial.number)
+        run = self.cv.tracker.start_trial(model, trial.number, hp)
+        trial.set_user_attr("mlflow_run_id", run)
+        trial.set_user_attr("dir", str(out.relative_to(cfg.out)))  # relative: portable
+        t0 = time.perf_counter()
+        try:
+            result = self.cv.run(hp, out, run, trial.number, self._reporter(trial))
+        except BaseException as e:
+            shutil.rmtree(out, ignore_errors=True)  # only completed trials become members
+            self.cv.tracker.end_trial(run, run_state(e), {})
+            if isinstance(e, Pruned):
+                raise optuna.TrialPruned(str(e)) from None
+            raise
+        scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
+        summary = {**result.summary(), "seconds": time.perf_counter() - t0}
+        for key, value in {**summary, "fold_scores": scores}.items():
+            trial.set_user_attr(key, value)
+        self.cv.tracker.end_trial(run, "COMPLETE", summary, oof_path=out / "oof.npz")
+        return float(np.mean(scores))
+
+    def _reporter(self, trial: Trial) -> Report:
+        """Report each epoch at step fold * max_epochs + epoch; raise Pruned when hopeless."""
+        metric = "val_accuracy" if self.cv.cfg.cv.metric == "accuracy" else "val_loss"
+        stride = self.cv.max_epochs()
+
+        def report(fold: int, epoch: int, metrics: dict[str, float]) -> None:
+            if not np.isfinite(metrics["val_loss"]):
+                trial.set_user_attr("diverged", True)
+                raise Pruned(f"validation loss is {metrics['val_loss']} (diverged)")
+            trial.report(metrics[metric], step=fold * stride + epoch)
+            if trial.should_prune():
+                raise Pruned(f"fold {fold} epoch {epoch}: {metric}={metrics[metric]:.4f}")
+
+        return report
+
+
+def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path | None:
+    """A snapshot ensemble (Huang et al. 2017) of the model's best configuration: its k folds
+    retrained with `cycles` cosine cycles, one snapshot member per cycle (in snap-<m>/).
+
+    Done once per study; with `claim`, a worker skips a run another worker has claimed.
+    Returns the folder, or None when the model has no completed trial (or another has it).
+    """
+    cfg = cv.cfg
+    best = _best(optuna.load_study(study_name=study_name(cfg, cv.model), storage=open_storage(cfg)))
+    out = cfg.out / "snapshots" / cv.model
+    if best is None:
+        return None
+    if (out / f"snap-{cycles - 1}" / "oof.npz").exists():
+        return out
+    if claim:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(out / ".claimed", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return None
+    hp = {
+        **cfg.models[cv.model].params,
+        **best.params,
+        "schedule": "cosine_restarts",
+        "cycles": cycles,
+    }
+    label = f"snapshots-of-{best.number}"
+    run = cv.tracker.start_trial(cv.model, label, hp)
+    try:
+        result = cv.run(hp, out, run, label)
+    except BaseException as e:
+        cv.tracker.end_trial(run, run_state(e), {})
+        raise
+    (out / "trial.json").write_text(json.dumps({"trial": best.number, "params": hp}))
+    cv.tracker.end_trial(run, "COMPLETE", result.summary(), oof_path=out / "oof.npz")
+    return out
+
+
+def _taken(study: optuna.Study) -> int:
+    states = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_worker(
+    cfg: StudyConfig,
+    data: ImageData,
+    split: Split,
+    tracker: Tracker,
+    *,
+    worker: int = 0,
+    models: list[str] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run trials, model after model, until every study has its configured number of trials.
+
+    Failed trials (a full disk, a corrupt file) are recorded and do not count; more than three in a
+    row stops the worker, since something is wrong beyond one trial.
+    """
+    storage = open_storage(cfg)
+    for model in models or list(cfg.models):
+        study = optuna.load_study(
+            study_name=study_name(cfg, model),
+            storage=storage,
+            sampler=_sampler(cfg, model, worker),
+            pruner=_pruner(cfg),
+        )
+        objective = Objective(CrossValidator(cfg, model, data, split, tracker, should_stop))
+        failures = 0
+        while not should_stop():
+            optuna.storages.fail_stale_trials(study)
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting and _taken(study) >= cfg.trials_for(model):
+                break
+            study.optimize(objective, n_trials=1, catch=(OSError, CheckpointError))
+            last = study.get_trials(deepcopy=False)[-1]
+            failures = failures + 1 if last.state == TrialState.FAIL else 0
+            if failures > 3:
+                raise StorageError(f"{study.study_name}: 4 trials in a row failed; see the log")
+    if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:  # then the snapshot runs, shared out
+        for model in models or list(cfg.models):
+            if should_stop():
+                break
+            cv = CrossValidator(cfg, model, data, split, tracker, should_stop)
+            run_snapshots(cv, cfg.ensemble.snapshots, claim=True)
+
+
+@dataclass(frozen=True)
+class ModelProgress:
+    model: str
+    target: int
+    complete: int
+    pruned: int
+    failed: int
+    running: int
+    best_value: float | None
+    best_number: int | None
+    best_params: dict[str, Any]
+    mean_seconds: float | None  # wall time of a finished trial, on average
+    first_start: float | None  # unix time of the first trial's start
+
+
+def progress(cfg: StudyConfig, storage: RDBStorage) -> list[ModelProgress]:
+    """Where every model study stands, read from the storage (works for remote workers too)."""
+    out = []
+    for model in cfg.models:
+        study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        count = {s: sum(t.state == s for t in trials) for s in TrialState}
+        done = [t for t in trials if t.state in FINISHED and t.duration]
+        best = _best(study)
+        starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
+        out.append(
+            ModelProgress(
+                model=model,
+                target=cfg.trials_for(model),
+                complete=count[TrialState.COMPLETE],
+                pruned=count[TrialState.PRUNED],
+                failed=count[TrialState.FAIL],
+                running=count[TrialState.RUNNING],
+                best_value=best.value if best else None,
+                best_number=best.number if best else None,
+                best_params=best.params if best else {},
+                mean_seconds=(
+                    float(np.mean([t.duration.total_seconds() for t in done if t.duration]))
+                    if done
+                    else None
+                ),
+                first_start=min(starts) if starts else None,
+            )
+        )
+    return out
+
+
+def _best(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A completed trial as the ensembling and report stages see it."""
+
+    model: str
+    number: int
+    value: float
+    params: dict[str, Any]
+    attrs: dict[str, Any]
+    dir: Path
+    duration_s: float | None
+
+
+def completed_trials(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[TrialRecord]:
+    """Completed trials of one model study, best first."""
+    study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    records = [
+        TrialRecord(
+            model,
+            t.number,
+            float(t.value or 0.0),
+            dict(t.params),
+            dict(t.user_attrs),
+            cfg.out / t.user_attrs["dir"],
+            t.duration.total_seconds() if t.duration else None,
+        )
+        for t in trials
+    ]
+    return sorted(records, key=lambda r: r.value, reverse=DIRECTIONS[cfg.cv.metric] == "maximize")

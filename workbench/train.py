@@ -1,0 +1,219 @@
+"""One training loop for every model, and checkpoints written atomically, read with weights_only.
+
+The loop knows neither Optuna nor MLflow: it calls `on_epoch(epoch, metrics)` once per epoch, and
+the search uses that seam for pruning and tracking (raising from it stops training). Data are
+in-memory tensors indexed per batch: no DataLoader worker processes, no per-batch `.item()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from workbench.config import AugmentConfig, TrainConfig
+from workbench.data import augment_batch
+from workbench.errors import CheckpointError
+from workbench.files import atomic_write
+from workbench.models import Classifier, create_model
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class Interrupted(Exception):
+    """Training stopped at an epoch boundary because the user asked (Ctrl-C)."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    best_epoch: int = 0  # the epoch whose weights the model holds (lowest val loss)
+    images_per_second: float = 0.0  # training throughput, augmentation included
+    snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)  # cosine_restarts
+
+
+def fit(
+    model: Classifier,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+    *,
+    augment: AugmentConfig | None = None,
+    generator: torch.Generator | None = None,
+    on_epoch: EpochCallback | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> FitResult:
+    """Train `model` in place on `train`, scoring `val` every epoch; returns the history.
+
+    With `patience > 0` the model ends holding the weights of its lowest validation loss epoch.
+    With schedule = cosine_restarts, the weights at each cycle's end are kept in `snapshots`.
+    """
+    device = next(model.parameters()).device
+    x, y = train[0].to(device), train[1].to(device)
+    xv, yv = val[0].to(device), val[1].to(device)
+    gen = generator or torch.Generator().manual_seed(0)
+    n, bs = len(x), min(cfg.batch_size, len(x))
+    steps_per_epoch = n // bs  # drop the ragged last batch: a batch of 1 breaks BatchNorm
+    optimizer = _optimizer(model, cfg)
+    schedule = _schedule(optimizer, cfg, steps_per_epoch)
+    weight = _class_weights(y, model.num_classes) if cfg.class_weights else None
+    cycle_epochs = cfg.epochs // cfg.cycles if cfg.schedule == "cosine_restarts" else 0
+    result, best_loss, best_state, stale = FitResult(), math.inf, None, 0
+    seen, t_train = 0, 0.0
+    for epoch in range(cfg.epochs):
+        # 1) one pass over the training rows in a fresh random order
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for step in range(steps_per_epoch):
+            idx = order[step * bs : (step + 1) * bs]
+            xb = augment_batch(x[idx], augment, gen) if augment else x[idx]
+            with _autocast(device):
+                loss = F.cross_entropy(
+                    model(xb), y[idx], weight=weight, label_smoothing=cfg.label_smoothing
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach()
+        t_train += time.perf_counter() - t0
+        seen += steps_per_epoch * bs
+        # 2) score the validation rows (plain cross-entropy: comparable across smoothing values)
+        val_loss, val_acc = evaluate(model, xv, yv)
+        metrics = {
+            "train_loss": loss_sum.item() / max(steps_per_epoch, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        result.history.append(metrics)
+        # 3) keep the best weights; stop when val loss has not improved for `patience` epochs
+        if val_loss < best_loss:
+            best_loss, result.best_epoch, stale = val_loss, epoch, 0
+            if cfg.patience:
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if cycle_epochs and (epoch + 1) % cycle_epochs == 0:
+            result.snapshots.append(copy.deepcopy(model.state_dict()))
+        # 4) the seam: pruning and tracking live in the caller
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if should_stop():
+            raise Interrupted(f"stopped by the user after epoch {epoch + 1}")
+        if cfg.patience and stale >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.best_epoch = len(result.history) - 1
+    result.images_per_second = seen / max(t_train, 1e-9)
+    return result
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y)."""
+    logits = _logits(model, x)
+    loss = F.cross_entropy(logits.float(), y.to(logits.device))
+    acc = (logits.argmax(1) == y.to(logits.device)).float().mean()
+    return float(loss), float(acc)
+
+
+@torch.inference_mode()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities (rows sum to 1) as float64 numpy, shape (rows, classes)."""
+    return torch.softmax(_logits(model, x, batch_size).double(), dim=1).cpu().numpy()
+
+
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    with _autocast(device):
+        out = [model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return torch.cat(out).float()
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; a no-op on the CPU, where it is slower for these small models."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-iteration learning-rate schedules; `lr` is the peak."""
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    sched = torch.optim.lr_scheduler
+    if cfg.schedule == "onecycle":
+        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    if cfg.schedule == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "cosine_restarts":  # Huang et al. 2017: M equal cycles, restart each
+        cycle = max((cfg.epochs // cfg.cycles) * steps_per_epoch, 1)
+        return sched.CosineAnnealingWarmRestarts(optimizer, T_0=cycle)
+    return sched.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so that the weights average 1 over the rows."""
+    counts = torch.bincount(y, minlength=num_classes).float().clamp(min=1)
+    return (len(y) / (num_classes * counts)).to(y.device)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write `{"state_dict", "meta"}` atomically; `meta` holds only JSON-like values, so the file
+    loads with `weights_only=True`. meta needs arch, num_classes, in_shape and hparams."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "meta": meta}, buf)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return ckpt["state_dict"], ckpt["meta"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is missing") from None
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e})") from None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
+    """Rebuild a model from its checkpoint alone (architecture, shapes, normalisation, weights)."""
+    state, meta = load_checkpoint(path)
+    model = create_model(
+        meta["arch"], meta["num_classes"], tuple(meta["in_shape"]), **meta["hparams"]
+    )
+    model.load_state_dict(state)
+    return model.to(device).eval()
