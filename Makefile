@@ -11,10 +11,10 @@ WORKERS ?=
 ARGS := $(if $(DATA),--data $(DATA)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS))
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: help install study test test-all lint format bench clean
+.PHONY: help install system-deps study ensemble report ui test test-all lint format bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install workbench with its dev tools (once; a stamp file marks it)
 
@@ -25,13 +25,32 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# Debian's chromium renders the HTML report in the browser test (root, as on CI, or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps: ## Debian packages the tests use: chromium (report rendering)
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 study: install ## run a study: make study [STUDY=studies/x.toml] [DATA=path] [TRIALS=n] [WORKERS=n]
 	$(BIN)/workbench study $(STUDY) $(ARGS)
 
-test: install ## the test suite without the slow end-to-end runs (< 15 min here)
+ensemble: install ## rerun only the ensemble stage on the stored studies of STUDY
+	$(BIN)/workbench ensemble $(STUDY) $(if $(DATA),--data $(DATA))
+
+report: install ## rewrite reports/<study>.html from the stored results of STUDY
+	$(BIN)/workbench report $(STUDY) $(if $(DATA),--data $(DATA))
+
+UI_PORT ?= 5000
+ui: install ## the MLflow UI on the default store (runs/mlflow), at http://127.0.0.1:5000
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 \
+		--port $(UI_PORT) --workers 1 --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow/mlflow.db \
+		--default-artifact-root file://$(CURDIR)/runs/mlflow/artifacts --no-serve-artifacts
+
+test: install system-deps ## the test suite without the slow end-to-end runs (< 15 min here)
 	$(BIN)/pytest -m "not slow" -q
 
-test-all: install ## every test, slow end-to-end runs included
+test-all: install system-deps ## every test, slow end-to-end runs included
 	$(BIN)/pytest -q
 
 lint: install ## ruff, formatting, mypy and the import DAG (import-linter)

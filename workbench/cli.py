@@ -12,9 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.live import Live
@@ -25,14 +28,16 @@ from workbench.console import best_table, console, ensemble_table, progress_tabl
 from workbench.cv import CrossValidator
 from workbench.data import ImageData, Split, cv_folds, load_data, load_or_make_split
 from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
-from workbench.ensemble.stage import TestSet, run_ensemble
-from workbench.errors import WorkbenchError
+from workbench.ensemble.stage import HeldOut, run_ensemble
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_models
+from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
 from workbench.runtime import configure_threads, default_workers
 from workbench.tracking import Tracker
 from workbench.train import Interrupted
 
+REPORTS = Path("reports")  # reports/<study>.html, beside the study files
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 StudyFile = Annotated[Path, typer.Argument(help="study file (TOML), e.g. studies/digits.toml")]
@@ -50,7 +55,10 @@ def prepare(
 ) -> tuple[StudyConfig, ImageData, Split]:
     """Load and check the study file, the data and the held-out split (made once, persisted)."""
     cfg = load_study(file, trials=trials)
-    check_models(cfg)
+    try:
+        check_models(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
     data = load_data(cfg.data, data_path)
     split = load_or_make_split(data, cfg.data, cfg.seed, cfg.out / "split.npz")
     cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed)  # folds <= smallest class
@@ -84,17 +92,21 @@ def study(
         for model in cfg.models:
             tracker.study_run(model, create=True)
         n = workers or cfg.search.workers or default_workers()
-        interrupted = _run_workers(cfg, file, data, trials, n, storage)
-        rows = search.progress(cfg, storage)
-        for r in rows:
-            tracker.end_study(
-                model=r.model,
-                summary={
-                    "best_value": r.best_value if r.best_value is not None else float("nan"),
+        status = "FAILED"
+        try:
+            with stage_timer(cfg, "search"):
+                interrupted = _run_workers(cfg, file, data, trials, n, storage)
+            status = "KILLED" if interrupted else "FINISHED"
+        finally:  # the study runs end whatever happened: none is left RUNNING
+            rows = search.progress(cfg, storage)
+            for r in rows:
+                best = r.best_value if r.best_value is not None else float("nan")
+                summary = {
+                    "best_value": best,
                     "trials_complete": r.complete,
                     "trials_pruned": r.pruned,
-                },
-            )
+                }
+                tracker.end_study(model=r.model, summary=summary, status=status)
         console.print()
         console.print(best_table(rows, cfg.cv.metric))
         if interrupted:
@@ -104,6 +116,7 @@ def study(
             )
             raise typer.Exit(130)
         _ensemble_stage(cfg, ds, split, tracker)
+        _report_stage(cfg, ds, split, tracker)
     except WorkbenchError as e:
         raise _fail(e) from None
 
@@ -118,9 +131,105 @@ def ensemble(file: StudyFile, data: DataOpt = None) -> None:
         raise _fail(e) from None
 
 
+@contextmanager
+def stage_timer(cfg: StudyConfig, stage: str) -> Iterator[None]:
+    """Record the stage's wall time (seconds) in <out>/timings.json, for the report and bench."""
+    t0 = time.time()
+    yield
+    path = cfg.out / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[stage] = round(time.time() - t0, 2)
+    atomic_write(path, lambda f: f.write(json.dumps(timings, indent=1).encode()))
+
+
+@app.command()
+def report(file: StudyFile, data: DataOpt = None) -> None:
+    """Write reports/<study>.html from the stored studies and results (no training, no test)."""
+    try:
+        cfg, ds, split = prepare(file, data, None)
+        _report_stage(cfg, ds, split, Tracker(cfg))
+    except WorkbenchError as e:
+        raise _fail(e) from None
+
+
+def _report_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> Path:
+    with stage_timer(cfg, "report"):
+        path = write_report(_report_inputs(cfg, ds, split, tracker), REPORTS / f"{cfg.name}.html")
+    console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
+
+
+def _report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> ReportInputs:
+    """Gather what the report shows from the storage, the trial folders and results.json."""
+    storage = search.open_storage(cfg)
+    sections = []
+    for model in cfg.models:
+        rows = search.trial_rows(cfg, model, storage)
+        best = search.completed_trials(cfg, model, storage)[:3]
+        curves = {
+            r.number: json.loads((r.dir / "history.json").read_text())
+            for r in best
+            if (r.dir / "history.json").exists()
+        }
+        sections.append(
+            ModelSection(
+                model,
+                cfg.cv.metric,
+                search.DIRECTIONS[cfg.cv.metric],
+                [TrialRow(model=model, **row) for row in rows],
+                search.importances(cfg, model, storage),
+                curves,
+            )
+        )
+    results_path = cfg.out / "ensemble" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    images = None
+    if results and results["misclassified"]:
+        rows_shown = split.test_idx[[m["row"] for m in results["misclassified"]]]
+        images = ds.x[rows_shown].permute(0, 2, 3, 1).numpy()
+        images = images[..., 0] if images.shape[-1] == 1 else images
+    timings = cfg.out / "timings.json"
+    return ReportInputs(
+        study=cfg.name,
+        config=resolved(cfg),
+        data_source=ds.source,
+        in_shape=ds.in_shape,
+        classes=list(ds.classes),
+        split={
+            "train": len(split.train_idx),
+            "test": len(split.test_idx),
+            "kind": split.kind,
+            "fingerprint": split.fingerprint,
+            "folds": cfg.cv.folds,
+        },
+        stage_seconds=json.loads(timings.read_text()) if timings.exists() else {},
+        tracking=_tracking_links(cfg, tracker),
+        models=sections,
+        ensemble=results,
+        misclassified_images=images,
+        created=datetime.now().isoformat(timespec="seconds"),
+    )
+
+
+def _tracking_links(cfg: StudyConfig, tracker: Tracker) -> dict[str, Any] | None:
+    if not tracker.enabled:
+        return None
+    return {
+        "uri": tracker.uri,
+        "experiment_id": tracker.experiment_id(),
+        "ui_url": tracker.uri if tracker.uri.startswith("http") else None,
+        "study_runs": {m: tracker.study_run(m) for m in cfg.models},
+    }
+
+
 def _ensemble_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
     if not cfg.ensemble.enabled:
         return
+    with stage_timer(cfg, "ensemble"):
+        _ensemble(cfg, ds, split, tracker)
+
+
+def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
     configure_threads(1)
     storage = search.open_storage(cfg)
     specs: list[MemberSpec] = []
@@ -145,7 +254,7 @@ def _ensemble_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Trac
     members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
     for line in skipped:
         console.print(f"[yellow]warning:[/] {line}")
-    test = TestSet(
+    test = HeldOut(
         ds.x[split.test_idx], ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint
     )
     out = cfg.out / "ensemble"

@@ -165,6 +165,14 @@ class TrainConfig(_Frozen):
     patience: int = Field(0, ge=0)  # early stop after this many epochs without val-loss gain
     class_weights: bool = False  # weight the loss by inverse class frequency
 
+    @model_validator(mode="after")
+    def _cycles_fit(self) -> TrainConfig:
+        if self.schedule == "cosine_restarts" and self.cycles > self.epochs:
+            raise ValueError(
+                f"`cycles <= epochs` must hold, but got cycles={self.cycles}, epochs={self.epochs}"
+            )
+        return self
+
 
 class ModelSpec(_Frozen):
     arch: str | None = None  # registry name of the factory; default: the section's own name

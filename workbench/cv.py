@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from workbench.config import StudyConfig, TrainConfig
 from workbench.data import ImageData, Split, channel_stats, cv_folds
+from workbench.errors import ConfigError
 from workbench.files import atomic_write, save_npz
 from workbench.models import create_model, model_hparams
 from workbench.runtime import derive_seed, seed_everything, select_device
@@ -94,7 +96,13 @@ class CrossValidator:
         arch_keys = set(model_hparams(self.arch))
         model_hp = {k: v for k, v in hp.items() if k in arch_keys}
         train = {k: v for k, v in hp.items() if k not in arch_keys}
-        return model_hp, self.cfg.train.model_copy(update=train)
+        try:
+            return model_hp, TrainConfig.model_validate({**self.cfg.train.model_dump(), **train})
+        except ValidationError as e:  # a combination the study file's space allows
+            raise ConfigError(
+                f"models.{self.model}: the hyperparameters {train} make an invalid "
+                f"[train] config: {e.errors()[0]['msg']}"
+            ) from None
 
     def run(
         self,

@@ -210,13 +210,17 @@ def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path 
     Returns the folder, or None when the model has no completed trial (or another has it).
     """
     cfg = cv.cfg
-    best = _best(optuna.load_study(study_name=study_name(cfg, cv.model), storage=open_storage(cfg)))
+    study = optuna.load_study(study_name=study_name(cfg, cv.model), storage=open_storage(cfg))
+    best = _best(study)
     out = cfg.out / "snapshots" / cv.model
     if best is None:
         return None
-    if (out / f"snap-{cycles - 1}" / "oof.npz").exists():
+    done = out / "trial.json"
+    if done.exists() and json.loads(done.read_text()) == {"trial": best.number, "cycles": cycles}:
         return out
     if claim:
+        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return None  # the best may still change: the parent runs it after the search
         out.mkdir(parents=True, exist_ok=True)
         try:
             os.close(os.open(out / ".claimed", os.O_CREAT | os.O_EXCL))
@@ -228,6 +232,9 @@ def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path 
         "schedule": "cosine_restarts",
         "cycles": cycles,
     }
+    hp["epochs"] = max(int(hp.get("epochs", cfg.train.epochs)), cycles)  # >= 1 epoch a cycle
+    for old in out.glob("snap-*"):  # made from an older best, or half made
+        shutil.rmtree(old)
     label = f"snapshots-of-{best.number}"
     run = cv.tracker.start_trial(cv.model, label, hp)
     try:
@@ -235,7 +242,7 @@ def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path 
     except BaseException as e:
         cv.tracker.end_trial(run, run_state(e), {})
         raise
-    (out / "trial.json").write_text(json.dumps({"trial": best.number, "params": hp}))
+    done.write_text(json.dumps({"trial": best.number, "cycles": cycles}))
     cv.tracker.end_trial(run, "COMPLETE", result.summary(), oof_path=out / "oof.npz")
     return out
 
@@ -372,3 +379,35 @@ def completed_trials(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[
         for t in trials
     ]
     return sorted(records, key=lambda r: r.value, reverse=DIRECTIONS[cfg.cv.metric] == "maximize")
+
+
+def trial_rows(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[dict[str, Any]]:
+    """Every trial of a model study, any state, as plain values (for the report)."""
+    study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+    std_key = f"cv_{cfg.cv.metric}_std"
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value if t.state == TrialState.COMPLETE else last,
+                "cv_std": t.user_attrs.get(std_key),
+                "params": dict(t.params),
+                "seconds": t.duration.total_seconds() if t.duration else None,
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            }
+        )
+    return rows
+
+
+def importances(cfg: StudyConfig, model: str, storage: RDBStorage) -> dict[str, float]:
+    """Optuna's own hyperparameter importance (fANOVA) over completed trials; {} when it cannot
+    be computed (fewer than two completed trials, or no parameter varies)."""
+    study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+    try:
+        found = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):
+        return {}
+    return {k: float(v) for k, v in found.items()}

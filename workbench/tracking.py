@@ -6,11 +6,18 @@ runs, nested `<model>/trial-<n>/fold-<k>` runs, and `ensemble` runs. Tags make t
 id through `MlflowClient` (no fluent active-run stack), so many worker processes can write at once.
 Per-epoch metrics are buffered and sent in one `log_batch` per fold (`log_metric` costs 6-9 ms a
 call here; a batch of 1,000 values ~0.1 s). With tracking disabled every method is a no-op.
+
+No run is left RUNNING by a failure we can see: a fold or trial run is ended (FAILED) even when
+logging its artifact fails, a trial ends the fold runs it left open, and when the search stage
+ends the parent closes any trial or fold run a dead worker left RUNNING (a killed process cannot
+close its own). With MLflow 3 the pyfunc model is a LoggedModel of the ensemble run (its outputs;
+`runs:/<id>/model` loads it), stored under `<artifacts>/models/<model id>/`, not a run artifact.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import time
@@ -20,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from workbench.config import StudyConfig, fingerprint, resolved
+from workbench.errors import StorageError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -27,6 +35,8 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creatin
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
+BATCH_PARAMS = 100  # MLflow's limits per log_batch call: 100 params or tags, 1,000 metrics
+BATCH_METRICS = 1000
 
 
 def tracking_uri(cfg: StudyConfig) -> str:
@@ -43,9 +53,14 @@ def artifact_root(cfg: StudyConfig) -> str:
 
 
 def git_commit() -> str:
+    """The commit of workbench's own source (not of the current folder: studies run anywhere)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -72,6 +87,7 @@ class Tracker:
         self.fingerprint = fingerprint(resolved(cfg))
         self.commit = git_commit() if self.enabled else "unknown"
         self._buffers: dict[str, list[Any]] = {}
+        self._open_folds: dict[str, list[str]] = {}  # trial run -> its fold runs not yet ended
         self._study_runs: dict[str, str] = {}
         self._experiment_id = ""
         if self.enabled:
@@ -89,6 +105,12 @@ class Tracker:
         if not self._experiment_id:
             name = self.cfg.tracking.experiment or self.cfg.name
             exp = self.client.get_experiment_by_name(name)
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                raise StorageError(
+                    f"the MLflow experiment '{name}' in {self.uri} is deleted; restore it "
+                    f"(mlflow experiments restore --experiment-id {exp.experiment_id}), delete it "
+                    f"for good (mlflow gc), or set tracking.experiment to a new name."
+                )
             self._experiment_id = (
                 exp.experiment_id
                 if exp
@@ -112,14 +134,17 @@ class Tracker:
             self.client.search_runs([self.experiment_id()], filter_string, max_results=5000)
         )
 
+    def _ours(self, model: str) -> str:
+        """Filter for this study's runs of one model (an experiment may hold several studies)."""
+        study, model = _quote(self.cfg.name), _quote(model)
+        return f"tags.`workbench.study` = {study} and tags.`workbench.model` = {model}"
+
     def study_run(self, model: str, create: bool = False) -> str:
         """The one `study:<model>` run; a resumed study reuses it (and marks it RUNNING again)."""
         if not self.enabled:
             return ""
         if model not in self._study_runs:
-            found = self.find_runs(
-                f"tags.`workbench.kind` = 'study' and tags.`workbench.model` = '{model}'"
-            )
+            found = self.find_runs(f"tags.`workbench.kind` = 'study' and {self._ours(model)}")
             if found:
                 run_id = sorted(found, key=lambda r: r.info.start_time)[0].info.run_id
                 if create:
@@ -138,15 +163,31 @@ class Tracker:
         from mlflow.entities import Param
 
         params = [Param(k, v[:6000]) for k, v in flatten(resolved(self.cfg)).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i : i + 100])
+        self._log_params(run_id, params)
         self.client.log_dict(run_id, resolved(self.cfg), "config/study.resolved.json")
 
-    def end_study(self, model: str, summary: dict[str, float]) -> None:
-        if self.enabled:
-            run_id = self.study_run(model)
-            self._log_metrics(run_id, summary)
-            self.client.set_terminated(run_id, "FINISHED")
+    def end_study(self, model: str, summary: dict[str, float], status: str = "FINISHED") -> None:
+        """End the search stage of one model: close what dead workers left RUNNING, log the
+        summary values that changed (a resume that ran nothing adds nothing), end the study run."""
+        if not self.enabled:
+            return
+        run_id = self.study_run(model)
+        orphans = self.find_runs(
+            f"attributes.status = 'RUNNING' and tags.`workbench.kind` != 'study' and "
+            f"{self._ours(model)}"
+        )
+        for run in orphans:
+            self.client.set_tag(
+                run.info.run_id,
+                "workbench.note",
+                "left RUNNING by a worker that ended without closing it; "
+                "closed when the search stage ended",
+            )
+            self._end(run.info.run_id, "FAIL")
+        old = self.client.get_run(run_id).data.metrics
+        changed = {k: v for k, v in summary.items() if not _same(old.get(k), v)}
+        self._log_metrics(run_id, changed)
+        self.client.set_terminated(run_id, status)
 
     # --- trials and folds (workers) ------------------------------------------------------------
 
@@ -160,27 +201,32 @@ class Tracker:
             return ""
         from mlflow.entities import Param
 
-        extra = {"optuna.trial_number": label} if isinstance(label, int) else {}
+        # an Optuna trial is a `trial` run; a snapshot run (string label) has no Optuna trial
+        extra = (
+            {"optuna.study": f"{self.cfg.name}/{model}", "optuna.trial_number": label}
+            if isinstance(label, int)
+            else {}
+        )
         run = self.client.create_run(
             self.experiment_id(),
             run_name=self._name(model, label),
             tags=self._tags(
-                "trial",
+                "trial" if isinstance(label, int) else "snapshot",
                 model,
                 **{
                     "mlflow.parentRunId": self.study_run(model),
-                    "optuna.study": f"{self.cfg.name}/{model}",
                     "optuna.state": "RUNNING",
                     **extra,
                 },
             ),
         )
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self._log_params(run.info.run_id, [Param(k, str(v)) for k, v in params.items()])
         return str(run.info.run_id)
 
     def start_fold(self, trial_run: str, model: str, label: int | str, fold: int) -> str:
         if not self.enabled:
             return ""
+        extra = {"optuna.trial_number": label} if isinstance(label, int) else {}
         run = self.client.create_run(
             self.experiment_id(),
             run_name=f"{self._name(model, label)}/fold-{fold}",
@@ -191,9 +237,11 @@ class Tracker:
                     "mlflow.parentRunId": trial_run,
                     "workbench.fold": fold,
                     "workbench.run": label,
+                    **extra,
                 },
             ),
         )
+        self._open_folds.setdefault(trial_run, []).append(run.info.run_id)
         return str(run.info.run_id)
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
@@ -211,11 +259,18 @@ class Tracker:
     ) -> None:
         if not self.enabled:
             return
-        self._flush(run_id)
-        if best_epoch is not None:
-            self._log_metrics(run_id, {"best_epoch": best_epoch})
-        if checkpoint is not None:
-            self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
+        for folds in self._open_folds.values():
+            if run_id in folds:
+                folds.remove(run_id)
+        try:
+            self._flush(run_id)
+            if best_epoch is not None:
+                self._log_metrics(run_id, {"best_epoch": best_epoch})
+            if checkpoint is not None:
+                self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
+        except BaseException:
+            self._end(run_id, "FAIL")
+            raise
         self._end(run_id, state)
 
     def end_trial(
@@ -223,9 +278,16 @@ class Tracker:
     ) -> None:
         if not self.enabled:
             return
-        self._log_metrics(run_id, summary)
-        if oof_path is not None:
-            self.client.log_artifact(run_id, str(oof_path), "oof")
+        # a fold run still open ended with its trial (e.g. saving its checkpoint failed)
+        for fold_run in self._open_folds.pop(run_id, []):
+            self.end_fold(fold_run, "FAIL" if state == "COMPLETE" else state)
+        try:
+            self._log_metrics(run_id, summary)
+            if oof_path is not None:
+                self.client.log_artifact(run_id, str(oof_path), "oof")
+        except BaseException:
+            self._end(run_id, "FAIL")
+            raise
         self._end(run_id, state)
 
     def _end(self, run_id: str, state: str) -> None:
@@ -234,8 +296,12 @@ class Tracker:
 
     def _flush(self, run_id: str) -> None:
         metrics = self._buffers.pop(run_id, [])
-        for i in range(0, len(metrics), 1000):  # the REST API takes at most 1,000 per batch
-            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        for i in range(0, len(metrics), BATCH_METRICS):
+            self.client.log_batch(run_id, metrics=metrics[i : i + BATCH_METRICS])
+
+    def _log_params(self, run_id: str, params: list[Any]) -> None:
+        for i in range(0, len(params), BATCH_PARAMS):
+            self.client.log_batch(run_id, params=params[i : i + BATCH_PARAMS])
 
     def _log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -266,6 +332,22 @@ class Tracker:
                 },
             ),
         ).info.run_id
+        try:
+            self._log_ensemble(run_id, results, final_dir, input_example)
+        except BaseException:
+            children = self.find_runs(
+                f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'"
+            )
+            for run in [*children, self.client.get_run(run_id)]:
+                self.client.set_terminated(run.info.run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def _log_ensemble(
+        self, run_id: str, results: dict[str, Any], final_dir: Path, input_example: np.ndarray
+    ) -> None:
+        exp = self.experiment_id()
         best = next(m for m in results["members"] if m["name"] == results["best_single"])
         self._log_metrics(
             run_id,
@@ -294,8 +376,6 @@ class Tracker:
             )
             self.client.set_terminated(child, "FINISHED")
         self._log_model(run_id, final_dir, input_example)
-        self.client.set_terminated(run_id, "FINISHED")
-        return run_id
 
     def _log_model(self, run_id: str, final_dir: Path, input_example: np.ndarray) -> None:
         """The final ensemble as one pyfunc model: every member's weights, the combiner, the
@@ -313,24 +393,36 @@ class Tracker:
         # mlflow warns that python_model is cloudpickled: it is, a small class, by design
         quiet = logging.getLogger("mlflow.pyfunc")
         level, quiet.level = quiet.level, logging.ERROR
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pyfunc.log_model(
-                name="model",
-                python_model=_pyfunc_model(),
-                artifacts={"final": str(final_dir)},
-                code_paths=[str(Path(workbench.__file__).parent)],
-                signature=infer_signature(input_example, output),
-                input_example=input_example,
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    "numpy",
-                    "scipy",
-                    "scikit-learn",
-                    "pydantic",
-                ],
-                registered_model_name=self.cfg.tracking.register_as,
-            )
-        quiet.setLevel(level)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=_pyfunc_model(),
+                    artifacts={"final": str(final_dir)},
+                    code_paths=[str(Path(workbench.__file__).parent)],
+                    signature=infer_signature(input_example, output),
+                    input_example=input_example,
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        "numpy",
+                        "scipy",
+                        "scikit-learn",
+                        "pydantic",
+                    ],
+                    registered_model_name=self.cfg.tracking.register_as,
+                )
+        finally:
+            quiet.setLevel(level)
+
+
+def _quote(value: str) -> str:
+    """A string literal for an MLflow search filter (a model section may be named `it's`)."""
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
+def _same(old: float | None, new: float) -> bool:
+    """Is `new` the value already logged (NaN equals NaN)?"""
+    return old is not None and (old == new or (math.isnan(old) and math.isnan(float(new))))
 
 
 def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -341,9 +433,9 @@ def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
 def _pyfunc_model() -> Any:
     """The pyfunc wrapper, built on first use so that importing workbench does not import
     mlflow.pyfunc (~1.7 s here). cloudpickle stores this class by value with the model."""
-    import mlflow.pyfunc
+    from mlflow.pyfunc import PythonModel
 
-    class EnsembleModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    class EnsembleModel(PythonModel):  # type: ignore[misc]
         """`predict(images)`: float32 images (N, C, H, W) in [0, 1] -> class probabilities
         (N, classes), exactly workbench's FinalEnsemble.predict_proba."""
 
@@ -352,7 +444,10 @@ def _pyfunc_model() -> Any:
 
             self.model = FinalEnsemble.load(context.artifacts["final"])
 
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        # The hint is read by mlflow when the class is made: np.ndarray gives no schema to check
+        # (the signature does that) and silences "Add type hints to the `predict` method". Only
+        # names the body uses may appear in hints: cloudpickle keeps just those globals.
+        def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # type: ignore[no-untyped-def]
             return self.model.predict_proba(np.asarray(model_input, dtype=np.float32))
 
     return EnsembleModel()

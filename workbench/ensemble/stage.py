@@ -34,7 +34,7 @@ MISCLASSIFIED_SHOWN = 64  # the report's grid of misclassified test images
 
 
 @dataclass(frozen=True)
-class TestSet:
+class HeldOut:
     x: torch.Tensor  # (rows, C, H, W) in [0, 1]
     y: np.ndarray  # (rows,)
     classes: list[str]
@@ -69,7 +69,7 @@ def cross_validated(combiner: Any, P: np.ndarray, y: np.ndarray, seed: int) -> d
     return oof_scores(out, y)
 
 
-def fingerprint(members: list[Member], cfg: EnsembleConfig, test: TestSet) -> str:
+def fingerprint(members: list[Member], cfg: EnsembleConfig, test: HeldOut) -> str:
     h = hashlib.sha256(cfg.model_dump_json().encode() + test.split_fingerprint.encode())
     for m in members:
         h.update(m.name.encode())
@@ -80,7 +80,7 @@ def fingerprint(members: list[Member], cfg: EnsembleConfig, test: TestSet) -> st
 def run_ensemble(
     members: list[Member],
     y_train: np.ndarray,
-    test: TestSet,
+    test: HeldOut,
     cfg: EnsembleConfig,
     out: Path,
     seed: int,
@@ -122,6 +122,7 @@ def run_ensemble(
     results.update(
         {
             "fingerprint": key,
+            "split_fingerprint": test.split_fingerprint,
             "test_evaluations": count,
             "chosen": chosen,
             "reused": False,
@@ -152,7 +153,7 @@ def _score(
     chosen: str,
     final: Any,
     P_test: np.ndarray,
-    test: TestSet,
+    test: HeldOut,
     cfg: EnsembleConfig,
     seed: int,
     metric: str,

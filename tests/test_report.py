@@ -1,0 +1,551 @@
+"""The HTML report: content equals the inputs, user text is escaped, the file is self-contained.
+
+The fixture is a hand-built study (2 models x 6 trials incl. pruned and failed, curves, a full
+ensemble results dict, 8 misclassified 8x8 images, a class name that is an XSS attempt).
+The browser tests load the written file in headless Chromium (skipped when it is absent).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench.report import ModelSection, ReportInputs, TrialRow, render_report, write_report
+from workbench.report.render import num, param, pvalue, seconds, signed
+
+XSS = "<img src=x onerror=alert(1)>"
+CLASSES = ["cat", "dog", XSS, "bird & fish"]
+UI = "http://127.0.0.1:5000"
+METHODS = ["soft_voting", "hard_voting", "weighted", "selection"]
+SECTIONS = ["Summary", "Headline", "Model mlp", "Model cnn", "Ensembles"]
+ENSEMBLE_HEADINGS = [
+    "Methods against the best single model",
+    "Members and weights",
+    "Members on the test split",
+    "Pairwise disagreement",
+    "Reliability",
+    "Confusion matrix",
+    "Per-class recall",
+    "Misclassified test images",
+]
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def metrics(rng: np.random.Generator, acc: float) -> dict:
+    recall = [round(float(x), 4) for x in np.clip(acc + rng.normal(0, 0.03, 4), 0, 1)]
+    confusion = [[25 if i == j else int(rng.integers(0, 3)) for j in range(4)] for i in range(4)]
+    return {
+        "accuracy": acc,
+        "macro_f1": acc - 0.004,
+        "log_loss": 1.1 - acc,
+        "brier": round(1.4 * (1.0 - acc), 5),
+        "ece": round(0.05 * (1.0 - acc) + 0.01, 5),
+        "per_class_recall": recall,
+        "confusion": confusion,
+    }
+
+
+def reliability(shift: float) -> dict:
+    conf = [None] * 7 + [0.5 + 0.0625 * k for k in range(8)]
+    return {
+        "edges": [k / 15 for k in range(16)],
+        "confidence": conf,
+        "accuracy": [None if c is None else min(1.0, c + shift) for c in conf],
+        "count": [0] * 7 + [2, 3, 4, 6, 9, 15, 25, 36],
+    }
+
+
+def trials(model: str, metric_base: float, sign: float) -> list[TrialRow]:
+    states = ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "FAIL", "COMPLETE"]
+    rows = []
+    for n, state in enumerate(states):
+        value = None if state == "FAIL" else round(metric_base + sign * 0.011 * n, 4)
+        done = state == "COMPLETE"
+        params = {"lr": 10 ** (-3 + 0.37 * n), "width": 32 * (n + 1), "optimizer": "<script>sgd"}
+        if n != 1:
+            params["dropout"] = 0.05 * n  # one trial lacks a parameter: its cell shows a dash
+        rows.append(
+            TrialRow(
+                model,
+                n,
+                state,
+                value,
+                0.0123 + 0.001 * n if done else None,
+                params,
+                None if state == "FAIL" else 12.5 * (n + 1),
+                f"run{model}{n:02d}abcdef",
+            )
+        )
+    return rows
+
+
+def curves(n_epochs: int = 5) -> list[list[dict[str, float]]]:
+    return [
+        [
+            {
+                "train_loss": 1.0 / (e + 1) + 0.01 * k,
+                "val_loss": 1.1 / (e + 1) + 0.02 * k,
+                "val_accuracy": 0.6 + 0.06 * e - 0.01 * k,
+                "lr": 0.01,
+            }
+            for e in range(n_epochs)
+        ]
+        for k in range(3)
+    ]
+
+
+@pytest.fixture(scope="module")
+def inputs() -> ReportInputs:
+    rng = np.random.default_rng(0)
+    members = [
+        {
+            "name": name,
+            "model": name.split("/")[0],
+            "trial": int(name[-1]),
+            "kind": "trial",
+            "cv_score": cv,
+            "oof": {"accuracy": cv, "log_loss": 1.2 - cv},
+            "test": metrics(rng, acc),
+        }
+        for name, cv, acc in [
+            ("cnn/trial-3", 0.951, 0.9400),
+            ("cnn/trial-5", 0.948, 0.9375),
+            ("mlp/trial-5", 0.921, 0.9125),
+        ]
+    ]
+    names = [m["name"] for m in members]
+    methods = {}
+    for k, name in enumerate(METHODS):
+        acc = 0.945 + 0.0025 * k
+        methods[name] = {
+            "members": names if name != "selection" else names[:2],
+            "weights": [0.5, 0.3, 0.2]
+            if name == "weighted"
+            else ([0.5, 0.5] if k == 3 else [1 / 3] * 3),
+            "oof": {"accuracy": 0.955 + 0.001 * k, "log_loss": 0.15 - 0.01 * k},
+            "oof_cv": {"accuracy": 0.953 + 0.001 * k, "log_loss": 0.16 - 0.01 * k},
+            "test": metrics(rng, acc),
+            "vs_best_single": {
+                "accuracy": {
+                    "diff": acc - 0.94,
+                    "ci_low": -0.01 + 0.004 * k,
+                    "ci_high": 0.02 + 0.001 * k,
+                },
+                "log_loss": {"diff": -0.02 * k, "ci_low": -0.03 * k - 0.01, "ci_high": 0.005},
+                "n_boot": 2000,
+            },
+            "mcnemar": {"b": 3 + k, "c": 7 + k, "p_value": 0.0312 / (k + 1) if k < 3 else 3e-5},
+        }
+    ensemble = {
+        "fingerprint": "0f1e2d3c4b5a6978",
+        "split_fingerprint": "ab12cd34",
+        "test_evaluations": 1,
+        "classes": CLASSES,
+        "n_test": 120,
+        "members": members,
+        "best_single": "cnn/trial-3",
+        "methods": methods,
+        "chosen": "weighted",
+        "final": {
+            "method": "weighted",
+            "temperature": 1.37,
+            "test": metrics(rng, 0.9525),
+            "reliability": reliability(-0.02),
+            "best_single_reliability": reliability(-0.07),
+        },
+        "disagreement": {
+            "members": names,
+            "matrix": [[0, 0.04, 0.09], [0.04, 0, 0.08], [0.09, 0.08, 0]],
+        },
+        "misclassified": [
+            {"row": 10 * i + 3, "true": i % 4, "pred": (i + 2) % 4, "confidence": 0.91 - 0.05 * i}
+            for i in range(8)
+        ],
+    }
+    models = [
+        ModelSection(
+            "mlp",
+            "accuracy",
+            "maximize",
+            trials("mlp", 0.90, 1.0),
+            {"lr": 0.61, "width": 0.27, "dropout": 0.12},
+            {3: curves(), 5: curves()},
+        ),
+        ModelSection(
+            "cnn",
+            "log_loss",
+            "minimize",
+            trials("cnn", 0.30, -1.0),
+            {"lr": 0.8, "optimizer": 0.2},
+            {3: curves(), 5: curves()},
+        ),
+    ]
+    config = {
+        "name": "digits",
+        "seed": 0,
+        "cv": {"folds": 3},
+        "train": {"epochs": 5, "lr": 3e-3},
+        "models": {
+            "cnn": {
+                "params": {"width": 32},
+                "space": {"lr": {"low": 1e-4, "high": 0.1, "log": True}},
+            }
+        },
+    }
+    return ReportInputs(
+        study="digits",
+        config=config,
+        data_source="digits (1797 images)",
+        in_shape=(1, 8, 8),
+        classes=CLASSES,
+        split={
+            "train": 1677,
+            "test": 120,
+            "kind": "stratified",
+            "fingerprint": "ab12cd34",
+            "folds": 3,
+        },
+        stage_seconds={"search": 300.0, "ensemble": 20.0, "report": 2.0},
+        tracking={
+            "uri": "file:///tmp/mlruns",
+            "experiment_id": "7",
+            "ui_url": UI,
+            "study_runs": {"mlp": "studymlp123456", "cnn": "studycnn123456"},
+        },
+        models=models,
+        ensemble=ensemble,
+        misclassified_images=rng.random((8, 8, 8)),
+        created="2025-01-02T03:04:05",
+    )
+
+
+@pytest.fixture(scope="module")
+def html(inputs: ReportInputs) -> str:
+    return render_report(inputs)  # rendered once: the charts take a second or two
+
+
+class Tables(HTMLParser):
+    """Every <table id=...> as rows of (cell text, cell attributes); every <h2>/<h3> text."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[tuple[str, dict]]]] = {}
+        self.headings: list[str] = []
+        self.rows_attrs: dict[str, list[dict]] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self._heading: list[str] | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a.get("id", "")
+            self.tables[self._table], self.rows_attrs[self._table] = [], []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+            self.rows_attrs[self._table].append(a)
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
+            self.tables[self._table][-1].append(("", a))
+        elif tag in ("h2", "h3"):
+            self._heading = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._table is not None:
+            row = self.tables[self._table][-1]
+            row[-1] = (" ".join("".join(self._cell).split()), row[-1][1])
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        elif tag in ("h2", "h3") and self._heading is not None:
+            self.headings.append(" ".join("".join(self._heading).split()))
+            self._heading = None
+
+    def handle_data(self, data: str) -> None:
+        for buf in (self._cell, self._heading):
+            if buf is not None:
+                buf.append(data)
+
+
+def texts(row: list[tuple[str, dict]]) -> list[str]:
+    return [text for text, _ in row]
+
+
+def test_every_section_heading_is_present(html: str) -> None:
+    headings = Tables(html).headings
+    for h in [
+        *SECTIONS,
+        *ENSEMBLE_HEADINGS,
+        "Leaderboard",
+        "Optimization history",
+        "Hyperparameter importance",
+        "Learning curves",
+    ]:
+        assert h in headings, f"missing section {h!r}; headings are {headings}"
+
+
+def test_leaderboard_equals_the_trials(inputs: ReportInputs, html: str) -> None:
+    tables = Tables(html).tables
+    for k, section in enumerate(inputs.models, start=1):
+        header, *rows = tables[f"leaderboard-{k}"]
+        names = ["lr", "width", "optimizer", "dropout"]  # in order of first appearance
+        assert texts(header) == [
+            "#",
+            "state",
+            f"CV {section.metric}",
+            "± std",
+            *names,
+            "time",
+            "MLflow run",
+        ]
+        assert len(rows) == 6
+        for t, row in zip(section.trials, rows, strict=True):
+            cells = texts(row)
+            assert cells[0] == str(t.number)
+            assert cells[1].startswith(t.state)
+            assert cells[2:4] == [num(t.value), num(t.cv_std)]
+            assert cells[4:8] == [param(t.params.get(p)) for p in names]
+            assert cells[8] == seconds(t.seconds)
+            assert cells[9] == t.mlflow_run_id[:8]
+            assert row[2][1]["data-sort"] == ("" if t.value is None else repr(t.value))
+    # the best trial is marked: highest accuracy for mlp, lowest log loss for cnn (both trial 5)
+    for k in (1, 2):
+        best = [texts(r) for r in tables[f"leaderboard-{k}"][1:] if "best" in texts(r)[1]]
+        assert [r[0] for r in best] == ["5"]
+    assert "Best: trial 5 with 0.9550 ± 0.0173." in html
+
+
+def test_ensemble_tables_equal_the_results(inputs: ReportInputs, html: str) -> None:
+    ens = inputs.ensemble
+    assert ens is not None
+    tables = Tables(html).tables
+    _, header, *rows = tables["methods"]  # a group row, then the column names
+    assert texts(header)[:2] == ["method", "accuracy"]
+    assert len(rows) == len(METHODS) + 1
+    for name, row in zip(METHODS, rows, strict=False):
+        m, cells = ens["methods"][name], texts(row)
+        assert cells[0].startswith(name.replace("_", " "))
+        t = m["test"]
+        assert cells[1:6] == [
+            num(t[k]) for k in ("accuracy", "log_loss", "ece", "brier", "macro_f1")
+        ]
+        assert cells[6:8] == [num(m["oof_cv"]["accuracy"]), num(m["oof_cv"]["log_loss"])]
+        d = m["vs_best_single"]["accuracy"]
+        assert cells[8] == f"{signed(d['diff'])} [{signed(d['ci_low'])}, {signed(d['ci_high'])}]"
+        mc = m["mcnemar"]
+        assert cells[10] == f"{pvalue(mc['p_value'])} b {mc['b']} / c {mc['c']}"
+    assert texts(rows[3])[10].startswith("< 0.0001")
+    single = next(m for m in ens["members"] if m["name"] == "cnn/trial-3")
+    assert texts(rows[-1])[:2] == ["cnn/trial-3 best single", num(single["test"]["accuracy"])]
+    # weights per method, members' test metrics
+    w = {texts(r)[0]: texts(r)[1:] for r in tables["weights"][1:]}
+    assert w["cnn/trial-3"] == ["0.333", "0.333", "0.500", "0.500"]
+    assert w["mlp/trial-5"] == ["0.333", "0.333", "0.200", ""]
+    members = {texts(r)[0].split()[0]: texts(r) for r in tables["members"][2:]}
+    for m in ens["members"]:
+        assert members[m["name"]][4] == num(m["cv_score"])
+        assert members[m["name"]][7] == num(m["test"]["accuracy"])
+    recall = tables["recall"][1:]
+    assert [texts(r)[1] for r in recall] == CLASSES
+    assert [texts(r)[3] for r in recall] == [
+        num(x) for x in ens["final"]["test"]["per_class_recall"]
+    ]
+
+
+def test_chosen_method_and_headline(inputs: ReportInputs, html: str) -> None:
+    parsed = Tables(html)
+    chosen = [a for a in parsed.rows_attrs["methods"] if "chosen" in (a.get("class") or "")]
+    assert [a["data-method"] for a in chosen] == ["weighted"]
+    assert html.count('class="badge chosen"') == 1
+    ens = inputs.ensemble
+    assert ens is not None
+    final, vs = ens["final"]["test"], ens["methods"]["weighted"]["vs_best_single"]
+    card = html[html.index('id="headline-accuracy"') : html.index('id="headline-log_loss"')]
+    assert num(final["accuracy"]) in card and "best single: 0.9400" in card
+    assert (
+        f'{signed(vs["accuracy"]["diff"])} <br><span class="ci">[{signed(vs["accuracy"]["ci_low"])}'
+        in card
+    )
+    assert "T = 1.370" in html
+
+
+def test_user_text_is_escaped(html: str) -> None:
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<img src=x onerror" not in html
+    assert "&lt;script&gt;sgd" in html and "<script>sgd" not in html
+    assert "bird &amp; fish" in html
+    # the only scripts: the one sorting script, allowed by hash in the CSP
+    assert html.count("<script") == 1 and "script-src 'sha256-" in html
+    assert not re.search(
+        r"\son[a-z]+\s*=", html.replace(XSS.replace("<", "&lt;").replace(">", "&gt;"), "")
+    )
+
+
+def test_only_the_mlflow_link_leaves_the_file(inputs: ReportInputs, html: str) -> None:
+    external = re.findall(r"""(?:src|href|xlink:href)\s*=\s*["']?((?:https?:)?//[^"'\s>]*)""", html)
+    assert external and all(u == UI or u.startswith(UI + "/#/") for u in external), external
+    attrs = re.findall(r"""<(\w+)\b[^>]*?\s([\w:-]+)=["']?(?:https?:)?//""", html)
+    fetched = {(tag, a) for tag, a in attrs if not a.startswith("xmlns")}  # namespaces: names only
+    assert fetched == {("a", "href")}, attrs  # URLs only in links, never src=
+    assert f'href="{UI}/#/experiments/7/runs/runmlp05abcdef"' in html
+    assert not re.search(r"<link\b|@import|url\(\s*['\"]?(https?:)?//", html)
+    assert re.findall(r'<img src="([^:]+):', html) == ["data"] * 8
+    # a ui_url that is not http(s) is never a link
+    tracking = {**(inputs.tracking or {}), "ui_url": "javascript:alert(1)"}
+    bad = ReportInputs(**{**inputs.__dict__, "tracking": tracking, "models": [], "ensemble": None})
+    assert "javascript:" not in render_report(bad)
+
+
+def test_missing_inputs_say_so_in_one_line(inputs: ReportInputs) -> None:
+    mlp = inputs.models[0]
+    bare = ModelSection("mlp", "accuracy", "maximize", mlp.trials[4:5], {}, {})  # one failed trial
+    html = render_report(
+        ReportInputs(
+            **{
+                **inputs.__dict__,
+                "ensemble": None,
+                "tracking": None,
+                "misclassified_images": None,
+                "models": [bare],
+            }
+        )
+    )
+    assert "No ensemble results yet" in html and "No learning curves" in html
+    assert "No importances" in html and "No completed or pruned trial" in html
+    assert "tracking was off" in html and "http://" not in html
+    assert [h for h in Tables(html).headings if h in SECTIONS] == [
+        "Summary",
+        "Headline",
+        "Model mlp",
+        "Ensembles",
+    ]
+    no_images = render_report(
+        ReportInputs(**{**inputs.__dict__, "misclassified_images": None, "models": []})
+    )
+    assert "images were not passed" in no_images and "<img" not in no_images
+    assert "No studies" in no_images
+
+
+def test_write_report_is_atomic_small_and_pure(inputs: ReportInputs, tmp_path: Path) -> None:
+    path = tmp_path / "reports" / "digits.html"
+    path.parent.mkdir()
+    path.write_text("old")
+    assert write_report(inputs, path) == path
+    assert [p.name for p in path.parent.iterdir()] == ["digits.html"]  # no temp file left
+    assert path.read_text("utf-8").startswith("<!DOCTYPE html>")
+    assert path.stat().st_size < 10 * 2**20
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert "[models.cnn.space]" in path.read_text("utf-8")  # the study file, TOML-ish
+    heavy = "{'torch', 'optuna', 'mlflow'}"
+    code = f"import sys, workbench.report; print(sorted({heavy} & set(sys.modules)))"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        == "[]\n"
+    )
+
+
+# -- headless Chromium ----------------------------------------------------------------------------
+# The page's console messages reach Chromium's log on stderr as `INFO:CONSOLE:1] "text", source:`
+# (console.error included, so any console line counts); its network requests reach the NetLog.
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+]
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"
+)
+
+
+def chromium(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str], list[str]]:
+    """Run Chromium; return the run, the page's console lines, the URLs the page fetched."""
+    netlog = tmp / "netlog.json"
+    cmd = [
+        str(CHROMIUM),
+        *FLAGS,
+        f"--user-data-dir={tmp / 'profile'}",
+        f"--log-net-log={netlog}",
+        *args,
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    log = json.loads(netlog.read_text("utf-8"))
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    requests = [e.get("params", {}) for e in log["events"] if e["type"] == start]
+    fetched = [
+        p["url"]
+        for p in requests
+        # the browser's own pings (updates, accounts) have no origin; the page's requests do
+        if p.get("url")
+        and p.get("initiator") != "not an origin"
+        and not p["url"].startswith(("file:", "data:"))
+    ]
+    return run, console, fetched
+
+
+@needs_chromium
+def test_browser_renders_offline_without_errors(inputs: ReportInputs, tmp_path: Path) -> None:
+    page = write_report(inputs, tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    run, console, fetched = chromium(
+        tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", "--dump-dom", page.as_uri()
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 'data-sortable-ready="6"' in run.stdout, "the sorting script did not run"
+    assert console == [], console  # no uncaught error, no CSP violation, no log at all
+    assert fetched == [], fetched
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a drawn page, not a blank one
+
+
+@needs_chromium
+def test_browser_sorts_numbers_as_numbers(tmp_path: Path) -> None:
+    # The report's script on a small table; a second script clicks headers and writes the order
+    # into the DOM. Its deliberate error and the external image prove the checks above can fail.
+    script = (Path(__file__).parents[1] / "workbench/report/templates/sortable.js").read_text()
+    rows = [("10", "trial-10"), ("", "none"), ("9.5", "trial-9"), ("-2", "b")]
+    page = tmp_path / "sort.html"
+    page.write_text(
+        "<!DOCTYPE html><html><body><img src='http://example.invalid/x.png'>"
+        "<table class='sortable'><thead><tr><th>v</th><th>name</th></tr></thead><tbody>"
+        + "".join(f"<tr><td data-sort='{v}'>{v or '–'}</td><td>{n}</td></tr>" for v, n in rows)
+        + f"</tbody></table><script>{script}</script><script>"
+        "var th = document.querySelectorAll('th'), out = [];"
+        "function order() { return Array.from(document.querySelectorAll('tbody td:nth-child(2)'))"
+        ".map(function (c) { return c.textContent; }).join(','); }"
+        "th[0].click(); out.push(order()); th[0].click(); out.push(order());"
+        "th[1].click(); out.push(order());"
+        "document.body.setAttribute('data-order', out.join('|')); null.boom;"
+        "</script></body></html>",
+        "utf-8",
+    )
+    run, console, fetched = chromium(tmp_path, "--dump-dom", page.as_uri())
+    order = re.search(r'data-order="([^"]*)"', run.stdout)
+    assert order, run.stdout[-2000:]
+    # numbers ascending, then descending, empty cells last both times; names in natural order
+    assert order[1].split("|") == [
+        "b,trial-9,trial-10,none",
+        "trial-10,trial-9,b,none",
+        "b,none,trial-9,trial-10",
+    ]
+    assert any("Uncaught TypeError" in line for line in console), run.stderr[-2000:]
+    assert fetched == ["http://example.invalid/x.png"]

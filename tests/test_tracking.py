@@ -1,0 +1,517 @@
+"""The MLflow record of a real study, read back the way a user reads it.
+
+A tiny study (digits, 3 folds, 2 epochs, 3 mlp trials) runs with tracking on through the CLI in
+two worker processes, then again (a resume that must add nothing). A real `mlflow server` then
+serves the store, and every check goes through its REST API (urllib, no mlflow client here);
+the logged pyfunc model is loaded in a fresh process and must predict what FinalEnsemble does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from conftest import TINY
+
+import workbench
+from workbench.config import load_study
+from workbench.tracking import STATUS, Tracker, flatten
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "COLUMNS": "160", "MLFLOW_DISABLE_TELEMETRY": "true"}
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
+
+
+def workbench_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def expected_commit() -> str:
+    """What the tracker tags: the commit of workbench's own source, or "unknown"."""
+    out = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=Path(workbench.__file__).parent,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() or "unknown"
+
+
+@dataclass
+class Record:
+    """A finished study with tracking on, and a running `mlflow server` over its store."""
+
+    tmp: Path
+    study_file: Path
+    out: Path  # <output_dir>/tiny
+    store: str  # the MLflow store's URI (SQLite)
+    api: str  # the server's base URL
+    first: subprocess.CompletedProcess[str]
+    again: subprocess.CompletedProcess[str]
+
+    def request(self, endpoint: str, body: dict[str, Any] | None = None, /, **query: Any) -> Any:
+        """GET (or POST `body`) one endpoint: JSON for the APIs, bytes for get-artifact."""
+        url = f"{self.api}/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"{url} -> {e.code}: {e.read().decode()[:500]}") from None
+        return json.loads(raw) if endpoint.startswith(("api/", "ajax-api/")) else raw
+
+    def experiment(self) -> dict[str, Any]:
+        got = self.request("api/2.0/mlflow/experiments/get-by-name", experiment_name="tiny")
+        return dict(got["experiment"])
+
+    def runs(self) -> list[Run]:
+        """Every run of the study's experiment, all pages."""
+        runs: list[Run] = []
+        body: dict[str, Any] = {
+            "experiment_ids": [self.experiment()["experiment_id"]],
+            "max_results": 1000,
+        }
+        while True:
+            page = self.request("api/2.0/mlflow/runs/search", body)
+            runs += [Run.of(r) for r in page.get("runs", [])]
+            if not page.get("next_page_token"):
+                return runs
+            body["page_token"] = page["next_page_token"]
+
+    def artifacts(self, run_id: str, path: str = "") -> dict[str, dict[str, Any]]:
+        """path -> file info of the run's artifacts directly under `path`."""
+        query = {"run_id": run_id, **({"path": path} if path else {})}
+        files = self.request("api/2.0/mlflow/artifacts/list", **query).get("files", [])
+        return {f["path"]: f for f in files}
+
+    def history(self, run_id: str, key: str) -> list[dict[str, Any]]:
+        got = self.request("api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key=key)
+        return list(got.get("metrics", []))
+
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    outputs: dict[str, Any]
+
+    @classmethod
+    def of(cls, r: dict[str, Any]) -> Run:
+        data = r.get("data", {})
+        return cls(
+            r["info"]["run_id"],
+            r["info"]["run_name"],
+            r["info"]["status"],
+            {t["key"]: t["value"] for t in data.get("tags", [])},
+            {p["key"]: p["value"] for p in data.get("params", [])},
+            {m["key"]: float(m["value"]) for m in data.get("metrics", [])},
+            r.get("outputs", {}),
+        )
+
+    @property
+    def kind(self) -> str:
+        return self.tags.get("workbench.kind", "")
+
+    @property
+    def parent(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId")
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
+    tmp = tmp_path_factory.mktemp("tracking")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    study_file = tmp / "tiny.toml"
+    text = TINY.format(out=tmp / "runs")
+    assert "[tracking]\nenabled = false" in text
+    text = text.replace(
+        "[tracking]\nenabled = false", f'[tracking]\nenabled = true\nuri = "{store}"'
+    )
+    study_file.write_text(text)
+
+    first = workbench_cli("study", str(study_file), "--workers", "2", cwd=tmp)
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    # the server starts (~15 s) while the resume runs
+    port, log = free_port(), tmp / "server.log"
+    with log.open("w") as sink:  # the server holds its own copy of the file descriptor
+        server = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                store,
+                # artifacts stay where the study put them (file:// under runs/mlflow/artifacts); the
+                # server reads them itself, no proxy (mlflow-artifacts:/) in between
+                "--default-artifact-root",
+                (tmp / "runs" / "mlflow" / "artifacts").as_uri(),
+                "--no-serve-artifacts",
+                "--workers",
+                "1",
+            ],
+            cwd=tmp,
+            env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: uvicorn runs in a child process
+        )
+    try:
+        again = workbench_cli("study", str(study_file), "--workers", "2", cwd=tmp)
+        assert again.returncode == 0, again.stdout + again.stderr
+        api = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield Record(tmp, study_file, tmp / "runs" / "tiny", store, api, first, again)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def optuna_trials(record: Record) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{record.out / 'optuna.db'}"
+    return optuna.load_study(study_name="tiny/mlp", storage=storage).trials
+
+
+def test_one_experiment_one_study_run_and_nothing_left_running(record: Record) -> None:
+    assert "every model study is complete" in record.again.stdout  # the second run resumed
+    assert "reusing the stored test evaluation" in record.again.stdout
+    # mlflow's "Add type hints to the `predict` method" warning is silenced at its source
+    assert "type hints" not in record.first.stdout + record.first.stderr
+
+    exp = record.experiment()
+    assert (
+        exp["artifact_location"] == (record.out.parent / "mlflow" / "artifacts").resolve().as_uri()
+    )
+    runs = record.runs()
+    study_runs = [r for r in runs if r.kind == "study"]
+    assert [(r.name, r.tags["workbench.model"]) for r in study_runs] == [("study:mlp", "mlp")]
+    assert study_runs[0].status == "FINISHED"
+    assert [r.name for r in runs if r.status == "RUNNING"] == []
+    # the resume logged no second copy of the study's summary
+    assert len(record.history(study_runs[0].id, "best_value")) == 1
+    assert study_runs[0].metrics["trials_complete"] + study_runs[0].metrics["trials_pruned"] >= 3
+
+    commit = expected_commit()
+    fingerprints = {r.tags["workbench.config_fingerprint"] for r in runs}
+    assert len(fingerprints) == 1 and len(next(iter(fingerprints))) == 12
+    assert {r.tags["mlflow.source.git.commit"] for r in runs} == {commit}
+    assert {r.tags["workbench.kind"] for r in runs} == {"study", "trial", "fold", "ensemble"}
+
+
+def test_runs_nest_study_trial_fold_one_trial_run_per_optuna_trial(
+    record: Record, optuna_trials: list[optuna.trial.FrozenTrial]
+) -> None:
+    runs = record.runs()
+    by_id = {r.id: r for r in runs}
+    (study_run,) = (r for r in runs if r.kind == "study")
+    trial_runs = [r for r in runs if r.kind == "trial"]
+    fold_runs = [r for r in runs if r.kind == "fold"]
+
+    # one trial run per Optuna trial, also after the resume; the user attr points at it
+    assert sorted(int(r.tags["optuna.trial_number"]) for r in trial_runs) == [
+        t.number for t in optuna_trials
+    ]
+    for t in optuna_trials:
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.name == f"mlp/trial-{t.number}"
+        assert run.tags["optuna.trial_number"] == str(t.number)
+        assert run.tags["optuna.study"] == "tiny/mlp"
+        assert run.tags["optuna.state"] == t.state.name
+        assert run.status == STATUS[t.state.name]  # COMPLETE FINISHED, PRUNED KILLED, ...
+        assert run.parent == study_run.id
+
+    for fold in fold_runs:
+        trial = by_id[fold.parent or ""]
+        assert trial.kind == "trial" and trial.parent == study_run.id
+        assert fold.name == f"{trial.name}/fold-{fold.tags['workbench.fold']}"
+        assert fold.tags["optuna.trial_number"] == trial.tags["optuna.trial_number"]
+    for trial in trial_runs:
+        folds = sorted(
+            (f for f in fold_runs if f.parent == trial.id), key=lambda f: f.tags["workbench.fold"]
+        )
+        if trial.tags["optuna.state"] == "COMPLETE":
+            assert [f.tags["workbench.fold"] for f in folds] == ["0", "1", "2"]
+            assert {(f.status, f.tags["optuna.state"]) for f in folds} == {("FINISHED", "COMPLETE")}
+        if trial.tags["optuna.state"] == "PRUNED":  # stopped inside its last fold: KILLED too
+            assert trial.status == "KILLED" and 1 <= len(folds) <= 3
+            assert (folds[-1].status, folds[-1].tags["optuna.state"]) == ("KILLED", "PRUNED")
+
+
+def test_trial_runs_hold_the_optuna_params_and_cv_metrics(
+    record: Record, optuna_trials: list[optuna.trial.FrozenTrial]
+) -> None:
+    runs = {r.id: r for r in record.runs()}
+    fixed = {"width": "64"}  # models.mlp.params of the study file
+    for t in optuna_trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert set(run.params) == set(fixed) | set(t.params)
+        assert {k: run.params[k] for k in fixed} == fixed
+        assert {k: float(run.params[k]) for k in t.params} == t.params  # exact: repr round-trips
+        if t.state.name == "COMPLETE":
+            for key in ("cv_accuracy", "cv_accuracy_std", "cv_log_loss", "cv_log_loss_std"):
+                assert run.metrics[key] == pytest.approx(t.user_attrs[key])
+            assert run.metrics["cv_accuracy"] == pytest.approx(t.value)
+
+
+def test_fold_runs_hold_per_epoch_metrics_and_their_checkpoint(record: Record) -> None:
+    epochs = load_study(record.study_file).train.epochs
+    runs = record.runs()
+    complete = {r.id for r in runs if r.kind == "trial" and r.tags["optuna.state"] == "COMPLETE"}
+    fold = next(r for r in runs if r.kind == "fold" and r.parent in complete)
+    number, k = int(fold.tags["optuna.trial_number"]), int(fold.tags["workbench.fold"])
+    trial_dir = record.out / "trials" / "mlp" / f"{number:04d}"
+    history = json.loads((trial_dir / "history.json").read_text())[k]  # per epoch, this fold
+    for key in EPOCH_METRICS:
+        got = record.history(fold.id, key)
+        assert [m["step"] for m in got] == list(range(epochs)), key
+        assert [m["value"] for m in got] == pytest.approx([h[key] for h in history]), key
+    assert 0 <= fold.metrics["best_epoch"] < epochs
+
+    listed = record.artifacts(fold.id, "checkpoint")
+    assert list(listed) == [f"checkpoint/fold-{k}.pt"]
+    assert (
+        int(listed[f"checkpoint/fold-{k}.pt"]["file_size"])
+        == (trial_dir / f"fold-{k}.pt").stat().st_size
+    )
+
+
+def test_study_and_trial_runs_hold_config_and_oof(record: Record) -> None:
+    runs = record.runs()
+    (study_run,) = (r for r in runs if r.kind == "study")
+    assert "config/study.resolved.json" in record.artifacts(study_run.id, "config")
+    got = record.request("get-artifact", run_uuid=study_run.id, path="config/study.resolved.json")
+    resolved = json.loads((record.out / "study.resolved.json").read_text())
+    assert json.loads(got) == resolved
+    assert study_run.params == {k: v[:6000] for k, v in flatten(resolved).items()}
+
+    complete = [r for r in runs if r.kind == "trial" and r.tags["optuna.state"] == "COMPLETE"]
+    for trial in complete:
+        assert list(record.artifacts(trial.id, "oof")) == ["oof/oof.npz"]
+
+
+def test_ensemble_run_holds_test_metrics_results_and_model(record: Record) -> None:
+    results = json.loads((record.out / "ensemble" / "results.json").read_text())
+    runs = record.runs()
+    ensembles = [r for r in runs if r.kind == "ensemble" and r.parent is None]
+    assert [r.name for r in ensembles] == ["ensemble"]  # the resume reused the evaluation
+    ens = ensembles[0]
+    assert ens.status == "FINISHED"
+    best = next(m for m in results["members"] if m["name"] == results["best_single"])
+    for key in ("accuracy", "log_loss"):
+        assert ens.metrics[f"test_{key}"] == pytest.approx(results["final"]["test"][key])
+        assert ens.metrics[f"best_single_test_{key}"] == pytest.approx(best["test"][key])
+
+    children = {r.name: r for r in runs if r.parent == ens.id}
+    assert set(children) == {f"ensemble/{m}" for m in results["methods"]}
+    for method, values in results["methods"].items():
+        child = children[f"ensemble/{method}"]
+        assert child.status == "FINISHED" and child.tags["workbench.method"] == method
+        assert child.metrics["test_accuracy"] == pytest.approx(values["test"]["accuracy"])
+        assert child.metrics["test_log_loss"] == pytest.approx(values["test"]["log_loss"])
+
+    assert "ensemble/results.json" in record.artifacts(ens.id, "ensemble")
+    got = record.request("get-artifact", run_uuid=ens.id, path="ensemble/results.json")
+    assert json.loads(got) == results
+
+    # MLflow 3: the pyfunc model is a LoggedModel, an output of the run (not a run artifact)
+    (output,) = ens.outputs["model_outputs"]
+    model = record.request(f"api/2.0/mlflow/logged-models/{output['model_id']}")["model"]
+    assert model["info"]["name"] == "model" and model["info"]["source_run_id"] == ens.id
+    assert model["info"]["status"] == "LOGGED_MODEL_READY"
+    listing = f"api/2.0/mlflow/logged-models/{output['model_id']}/artifacts/directories"
+    files = {f["path"] for f in record.request(listing).get("files", [])}
+    assert {"MLmodel", "python_model.pkl", "artifacts", "code"} <= files
+    final = record.request(listing, artifact_directory_path="artifacts/final").get("files", [])
+    assert "artifacts/final/ensemble.json" in {f["path"] for f in final}
+
+
+LOAD = """
+import sys, numpy as np, mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+print(sys.modules["workbench"].__file__)
+"""
+
+
+def test_logged_model_predicts_like_the_final_ensemble(record: Record) -> None:
+    from workbench.cli import prepare
+    from workbench.ensemble.final import FinalEnsemble
+
+    (ens,) = (r for r in record.runs() if r.kind == "ensemble" and r.parent is None)
+    _, data, split = prepare(record.study_file, None, None)
+    images = data.x[split.test_idx].numpy()
+    np.save(record.tmp / "test_x.npy", images)
+    fresh = record.tmp / "fresh"
+    fresh.mkdir()
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD, f"runs:/{ens.id}/model", "../test_x.npy", "proba.npy"],
+        cwd=fresh,
+        env={**ENV, "MLFLOW_TRACKING_URI": record.store},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert "type hints" not in loaded.stderr
+    # workbench came with the model (code_paths), not from this installation
+    source = Path(loaded.stdout.strip().splitlines()[-1])
+    assert source.parts[-3:] == ("code", "workbench", "__init__.py"), source
+    assert source.resolve() != Path(workbench.__file__).resolve()
+    got = np.load(fresh / "proba.npy")
+    expected = FinalEnsemble.load(record.out / "ensemble" / "final").predict_proba(images)
+    assert got.shape == expected.shape == (len(split.test_idx), 10)
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- without a server ---------------------------------------------------------------------------
+
+
+def test_flatten_names_nested_keys_with_dots_and_keeps_leaves_as_text() -> None:
+    d = {
+        "name": "tiny",
+        "train": {"lr": 0.1, "epochs": 2, "augment": {"flip": False}},
+        "methods": ["soft", "hard"],
+        "empty": {},
+        "uri": None,
+    }
+    assert flatten(d) == {
+        "name": "tiny",
+        "train.lr": "0.1",
+        "train.epochs": "2",
+        "train.augment.flip": "False",
+        "methods": "['soft', 'hard']",
+        "empty": "{}",  # an empty section is a leaf, not dropped
+        "uri": "None",
+    }
+    assert flatten({"a": {"b": 1}}, prefix="x.") == {"x.a.b": "1"}
+    assert flatten({}) == {}
+
+
+def test_disabled_tracker_makes_no_store(
+    tmp_path: Path, tiny_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would write ./mlruns or ./mlflow.db
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    on = tiny_file.read_text().replace("enabled = false", "enabled = true")
+    on_file = tmp_path / "on.toml"
+    on_file.write_text(on)
+    for tracker in (Tracker(load_study(tiny_file)), Tracker(load_study(on_file), enabled=False)):
+        assert not tracker.enabled and tracker.uri == "" and not hasattr(tracker, "client")
+        assert tracker.study_run("mlp", create=True) == ""
+        run = tracker.start_trial("mlp", 0, {"lr": 0.1})
+        fold = tracker.start_fold(run, "mlp", 0, 0)
+        assert run == fold == ""
+        tracker.log_epoch(fold, 0, {"val_loss": 1.0})
+        tracker.end_fold(fold, "COMPLETE", best_epoch=0, checkpoint=tmp_path / "nothing.pt")
+        tracker.end_trial(run, "COMPLETE", {"cv_accuracy": 0.5}, oof_path=tmp_path / "no.npz")
+        tracker.end_study("mlp", {"best_value": 0.5})
+        assert tracker.log_ensemble({}, tmp_path, np.zeros((1, 1, 8, 8))) == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "on.toml"])
+
+
+def test_no_run_is_left_running_by_a_dead_worker_or_a_failure(
+    tmp_path: Path, tiny_file: Path
+) -> None:
+    """A worker killed mid-trial cannot end its runs: the parent's end_study does (FAILED). A fold
+    run left open by a failure after training ends with its trial; a failed ensemble log ends its
+    runs FAILED. A resume that changed nothing logs nothing."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    tiny_file.write_text(
+        tiny_file.read_text().replace("enabled = false", f'enabled = true\nuri = "{store}"')
+    )
+    cfg = load_study(tiny_file)
+    parent, worker = Tracker(cfg), Tracker(cfg)
+    study = parent.study_run("mlp", create=True)
+    dead = worker.start_trial("mlp", 0, {"lr": 0.1})
+    dead_fold = worker.start_fold(dead, "mlp", 0, 0)
+    worker.log_epoch(dead_fold, 0, {"val_loss": 1.0})  # buffered, never sent: the worker died
+    failed = worker.start_trial("mlp", 1, {"lr": 0.2})
+    open_fold = worker.start_fold(failed, "mlp", 1, 0)  # trained; saving the checkpoint raised,
+    worker.end_trial(failed, "FAIL", {})  # so only the trial is ended, and its open fold with it
+    parent.end_study("mlp", {"best_value": math.nan, "trials_complete": 0})
+    parent.study_run("mlp", create=True)  # a resume: the same study run, RUNNING again
+    parent.end_study("mlp", {"best_value": math.nan, "trials_complete": 0})  # nothing changed
+
+    client = MlflowClient(store)
+    status = {r: client.get_run(r).info.status for r in (study, dead, dead_fold, failed, open_fold)}
+    assert status == {
+        study: "FINISHED",
+        dead: "FAILED",
+        dead_fold: "FAILED",
+        failed: "FAILED",
+        open_fold: "FAILED",
+    }
+    assert client.get_run(dead).data.tags["optuna.state"] == "FAIL"
+    assert "workbench.note" in client.get_run(dead_fold).data.tags
+    assert len(client.get_metric_history(study, "best_value")) == 1
+    exp = parent.experiment_id()
+    assert len(client.search_runs([exp], "tags.`workbench.kind` = 'study'")) == 1
+
+    results = {
+        "chosen": "soft_voting",
+        "test_evaluations": 1,
+        "best_single": "mlp/trial-0",
+        "members": [{"name": "mlp/trial-0", "test": {"accuracy": 0.9}}],
+        "final": {"test": {"accuracy": 0.9}},
+        "methods": {"soft_voting": {"oof": {"accuracy": 0.9}}},  # no "test": the child fails
+    }
+    with pytest.raises(KeyError, match="test"):
+        parent.log_ensemble(results, tmp_path, np.zeros((1, 1, 8, 8), dtype=np.float32))
+    ensemble = client.search_runs([exp], "tags.`workbench.kind` = 'ensemble'")
+    assert sorted(r.info.run_name for r in ensemble) == ["ensemble", "ensemble/soft_voting"]
+    assert {r.info.status for r in ensemble} == {"FAILED"}
