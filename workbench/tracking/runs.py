@@ -118,7 +118,7 @@ class Tracker:
             )
         return self._experiment_id
 
-    def _tags(self, kind: str, model: str = "", **extra: Any) -> dict[str, str]:
+    def tags(self, kind: str, model: str = "", **extra: Any) -> dict[str, str]:
         tags = {
             "workbench.kind": kind,
             "workbench.study": self.cfg.name,
@@ -151,7 +151,7 @@ class Tracker:
                     self.client.update_run(run_id, status="RUNNING")
             elif create:
                 run_id = self.client.create_run(
-                    self.experiment_id(), run_name=f"study:{model}", tags=self._tags("study", model)
+                    self.experiment_id(), run_name=f"study:{model}", tags=self.tags("study", model)
                 ).info.run_id
                 self._log_config(run_id)
             else:
@@ -186,7 +186,7 @@ class Tracker:
             self._end(run.info.run_id, "FAIL")
         old = self.client.get_run(run_id).data.metrics
         changed = {k: v for k, v in summary.items() if not _same(old.get(k), v)}
-        self._log_metrics(run_id, changed)
+        self.log_metrics(run_id, changed)
         self.client.set_terminated(run_id, status)
 
     # --- trials and folds (workers) ------------------------------------------------------------
@@ -210,7 +210,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id(),
             run_name=self._name(model, label),
-            tags=self._tags(
+            tags=self.tags(
                 "trial" if isinstance(label, int) else "snapshot",
                 model,
                 **{
@@ -230,7 +230,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id(),
             run_name=f"{self._name(model, label)}/fold-{fold}",
-            tags=self._tags(
+            tags=self.tags(
                 "fold",
                 model,
                 **{
@@ -265,7 +265,7 @@ class Tracker:
         try:
             self._flush(run_id)
             if best_epoch is not None:
-                self._log_metrics(run_id, {"best_epoch": best_epoch})
+                self.log_metrics(run_id, {"best_epoch": best_epoch})
             if checkpoint is not None:
                 self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
         except BaseException:
@@ -282,7 +282,7 @@ class Tracker:
         for fold_run in self._open_folds.pop(run_id, []):
             self.end_fold(fold_run, "FAIL" if state == "COMPLETE" else state)
         try:
-            self._log_metrics(run_id, summary)
+            self.log_metrics(run_id, summary)
             if oof_path is not None:
                 self.client.log_artifact(run_id, str(oof_path), "oof")
         except BaseException:
@@ -303,7 +303,7 @@ class Tracker:
         for i in range(0, len(params), BATCH_PARAMS):
             self.client.log_batch(run_id, params=params[i : i + BATCH_PARAMS])
 
-    def _log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -311,108 +311,18 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
-    # --- the ensemble stage ----------------------------------------------------------------------
+    # --- the ensemble stage (workbench/tracking/model.py) ---------------------------------------
 
     def log_ensemble(
         self, results: dict[str, Any], final_dir: Path, input_example: np.ndarray
     ) -> str:
         """An `ensemble` run (final and best-single test metrics, results.json, the loadable
-        model) with one child run per method; returns the ensemble run's id."""
+        model) with one child run per method; returns the ensemble run's id ("" when off)."""
         if not self.enabled:
             return ""
-        exp = self.experiment_id()
-        run_id = self.client.create_run(
-            exp,
-            run_name="ensemble",
-            tags=self._tags(
-                "ensemble",
-                **{
-                    "workbench.chosen": results["chosen"],
-                    "workbench.test_evaluations": results["test_evaluations"],
-                },
-            ),
-        ).info.run_id
-        try:
-            self._log_ensemble(run_id, results, final_dir, input_example)
-        except BaseException:
-            children = self.find_runs(
-                f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'"
-            )
-            for run in [*children, self.client.get_run(run_id)]:
-                self.client.set_terminated(run.info.run_id, "FAILED")
-            raise
-        self.client.set_terminated(run_id, "FINISHED")
-        return run_id
+        from workbench.tracking.model import log_ensemble
 
-    def _log_ensemble(
-        self, run_id: str, results: dict[str, Any], final_dir: Path, input_example: np.ndarray
-    ) -> None:
-        exp = self.experiment_id()
-        best = next(m for m in results["members"] if m["name"] == results["best_single"])
-        self._log_metrics(
-            run_id,
-            {
-                **_scalars("test_", results["final"]["test"]),
-                **_scalars("best_single_test_", best["test"]),
-                "test_evaluations": results["test_evaluations"],
-            },
-        )
-        self.client.log_dict(run_id, results, "ensemble/results.json")
-        for name, method in results["methods"].items():
-            child = self.client.create_run(
-                exp,
-                run_name=f"ensemble/{name}",
-                tags=self._tags(
-                    "ensemble", **{"mlflow.parentRunId": run_id, "workbench.method": name}
-                ),
-            ).info.run_id
-            self._log_metrics(
-                child,
-                {
-                    **_scalars("test_", method["test"]),
-                    **_scalars("oof_", method["oof"]),
-                    **_scalars("oof_cv_", method["oof_cv"]),
-                },
-            )
-            self.client.set_terminated(child, "FINISHED")
-        self._log_model(run_id, final_dir, input_example)
-
-    def _log_model(self, run_id: str, final_dir: Path, input_example: np.ndarray) -> None:
-        """The final ensemble as one pyfunc model: every member's weights, the combiner, the
-        class names; the workbench package travels with it (code_paths), so a fresh process
-        needs no install of ours. Requirements are given (inferring them costs 11-14 s)."""
-        import mlflow
-        import torch
-        from mlflow.models import infer_signature
-
-        import workbench
-        from workbench.ensemble.final import FinalEnsemble
-
-        output = FinalEnsemble.load(final_dir).predict_proba(input_example)
-        mlflow.set_tracking_uri(self.uri)
-        # mlflow warns that python_model is cloudpickled: it is, a small class, by design
-        quiet = logging.getLogger("mlflow.pyfunc")
-        level, quiet.level = quiet.level, logging.ERROR
-        try:
-            with mlflow.start_run(run_id=run_id):
-                mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=_pyfunc_model(),
-                    artifacts={"final": str(final_dir)},
-                    code_paths=[str(Path(workbench.__file__).parent)],
-                    signature=infer_signature(input_example, output),
-                    input_example=input_example,
-                    pip_requirements=[
-                        f"torch=={torch.__version__.split('+')[0]}",
-                        "numpy",
-                        "scipy",
-                        "scikit-learn",
-                        "pydantic",
-                    ],
-                    registered_model_name=self.cfg.tracking.register_as,
-                )
-        finally:
-            quiet.setLevel(level)
+        return log_ensemble(self, results, final_dir, input_example)
 
 
 def _quote(value: str) -> str:
@@ -423,31 +333,3 @@ def _quote(value: str) -> str:
 def _same(old: float | None, new: float) -> bool:
     """Is `new` the value already logged (NaN equals NaN)?"""
     return old is not None and (old == new or (math.isnan(old) and math.isnan(float(new))))
-
-
-def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar entries of a metrics dict (lists such as per-class recall are left out)."""
-    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-
-
-def _pyfunc_model() -> Any:
-    """The pyfunc wrapper, built on first use so that importing workbench does not import
-    mlflow.pyfunc (~1.7 s here). cloudpickle stores this class by value with the model."""
-    from mlflow.pyfunc import PythonModel
-
-    class EnsembleModel(PythonModel):  # type: ignore[misc]
-        """`predict(images)`: float32 images (N, C, H, W) in [0, 1] -> class probabilities
-        (N, classes), exactly workbench's FinalEnsemble.predict_proba."""
-
-        def load_context(self, context):  # type: ignore[no-untyped-def]  # no hints: mlflow reads them
-            from workbench.ensemble.final import FinalEnsemble
-
-            self.model = FinalEnsemble.load(context.artifacts["final"])
-
-        # The hint is read by mlflow when the class is made: np.ndarray gives no schema to check
-        # (the signature does that) and silences "Add type hints to the `predict` method". Only
-        # names the body uses may appear in hints: cloudpickle keeps just those globals.
-        def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # type: ignore[no-untyped-def]
-            return self.model.predict_proba(np.asarray(model_input, dtype=np.float32))
-
-    return EnsembleModel()

@@ -1,0 +1,10 @@
+"""The command line, and the only place where the stages are wired together.
+
+workbench study FILE [--data PATH] [--trials N] [--workers N]   search, ensemble, report
+workbench worker FILE [--data PATH] [--index I]                 join a running search
+workbench ensemble FILE / workbench report FILE                 one stage, on stored studies
+"""
+
+from workbench.cli.commands import app, main, prepare
+
+__all__ = ["app", "main", "prepare"]

@@ -1,0 +1,156 @@
+"""The commands: `study`, `ensemble`, `report` and `worker`.
+
+workbench study FILE [--data PATH] [--trials N] [--workers N]   search, then ensemble and report
+workbench worker FILE [--data PATH] [--index I]                 join a running search
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from workbench import search
+from workbench.cli.stages import ensemble_stage, report_stage, stage_timer
+from workbench.cli.workers import run_workers
+from workbench.config import StudyConfig, load_study, resolved
+from workbench.console import best_table, console
+from workbench.data import ImageData, Split, cv_folds, load_data, load_or_make_split
+from workbench.errors import ConfigError, WorkbenchError
+from workbench.files import atomic_write
+from workbench.models import check_models
+from workbench.runtime import configure_threads, default_workers
+from workbench.tracking import Tracker
+from workbench.train import Interrupted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+StudyFile = Annotated[Path, typer.Argument(help="study file (TOML), e.g. studies/digits.toml")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="data path; overrides data.path")]
+TrialsOpt = Annotated[int | None, typer.Option("--trials", min=1, help="trials per model")]
+
+
+def _fail(e: WorkbenchError) -> typer.Exit:
+    console.print("[bold red]error:[/]", str(e), highlight=False)
+    return typer.Exit(2)
+
+
+def prepare(
+    file: Path, data_path: str | None, trials: int | None
+) -> tuple[StudyConfig, ImageData, Split]:
+    """Load and check the study file, the data and the held-out split (made once, persisted)."""
+    cfg = load_study(file, trials=trials)
+    try:
+        check_models(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    data = load_data(cfg.data, data_path)
+    split = load_or_make_split(data, cfg.data, cfg.seed, cfg.out / "split.npz")
+    cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed)  # folds <= smallest class
+    return cfg, data, split
+
+
+@app.command()
+def study(
+    file: StudyFile,
+    data: DataOpt = None,
+    trials: TrialsOpt = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes; default: one per core")
+    ] = None,
+) -> None:
+    """Run the study: one Optuna search per model, each trial scored by k-fold CV."""
+    try:
+        cfg, ds, split = prepare(file, data, trials)
+        console.print(
+            f"[bold]{cfg.name}[/]: {ds.source}, {len(split.train_idx)} training rows "
+            f"({cfg.cv.folds} folds), {len(split.test_idx)} held-out test rows ({split.kind} "
+            f"split, data {split.fingerprint}); results in {cfg.out}"
+        )
+        atomic_write(
+            cfg.out / "study.resolved.json",
+            lambda f: f.write(json.dumps(resolved(cfg), indent=2).encode()),
+        )
+        storage = search.open_storage(cfg)
+        search.create_studies(cfg, storage)
+        tracker = Tracker(cfg)
+        for model in cfg.models:
+            tracker.study_run(model, create=True)
+        n = workers or cfg.search.workers or default_workers()
+        status = "FAILED"
+        try:
+            with stage_timer(cfg, "search"):
+                interrupted = run_workers(cfg, file, data, trials, n, storage)
+            status = "KILLED" if interrupted else "FINISHED"
+        finally:  # the study runs end whatever happened: none is left RUNNING
+            rows = search.progress(cfg, storage)
+            for r in rows:
+                best = r.best_value if r.best_value is not None else float("nan")
+                summary = {
+                    "best_value": best,
+                    "trials_complete": r.complete,
+                    "trials_pruned": r.pruned,
+                }
+                tracker.end_study(model=r.model, summary=summary, status=status)
+        console.print()
+        console.print(best_table(rows, cfg.cv.metric))
+        if interrupted:
+            console.print(
+                "[yellow]interrupted:[/] every completed trial is kept; "
+                "run the same command again to resume."
+            )
+            raise typer.Exit(130)
+        ensemble_stage(cfg, ds, split, tracker)
+        report_stage(cfg, ds, split, tracker)
+    except WorkbenchError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def ensemble(file: StudyFile, data: DataOpt = None) -> None:
+    """Ensemble the stored studies' best trials and evaluate them once on the test split."""
+    try:
+        cfg, ds, split = prepare(file, data, None)
+        ensemble_stage(cfg, ds, split, Tracker(cfg))
+    except WorkbenchError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def report(file: StudyFile, data: DataOpt = None) -> None:
+    """Write reports/<study>.html from the stored studies and results (no training, no test)."""
+    try:
+        cfg, ds, split = prepare(file, data, None)
+        report_stage(cfg, ds, split, Tracker(cfg))
+    except WorkbenchError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def worker(
+    file: StudyFile,
+    data: DataOpt = None,
+    trials: TrialsOpt = None,
+    index: Annotated[int, typer.Option(help="worker number: seeds its sampler")] = 0,
+) -> None:
+    """Join the search of a study whose storage exists (from another shell or machine)."""
+    configure_threads(1)
+    stop: list[bool] = []
+    signal.signal(signal.SIGINT, lambda s, f: stop.append(True))  # finish the epoch, then stop
+    try:
+        cfg, ds, split = prepare(file, data, trials)
+        search.run_worker(
+            cfg, ds, split, Tracker(cfg), worker=index, should_stop=lambda: bool(stop)
+        )
+    except Interrupted as e:
+        print(f"worker {index}: {e}", flush=True)
+        raise typer.Exit(130) from None
+    except WorkbenchError as e:
+        raise _fail(e) from None
+
+
+def main() -> None:
+    app()

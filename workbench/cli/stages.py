@@ -1,0 +1,164 @@
+"""The ensemble and report stages, wired from the stored studies: what `study`, `ensemble` and
+`report` run after (or without) the search."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from workbench import search
+from workbench.config import StudyConfig, resolved
+from workbench.console import console, ensemble_table
+from workbench.cv import CrossValidator
+from workbench.data import ImageData, Split
+from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
+from workbench.ensemble.stage import HeldOut, run_ensemble
+from workbench.files import atomic_write
+from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
+from workbench.runtime import configure_threads
+from workbench.tracking import Tracker
+
+REPORTS = Path("reports")  # reports/<study>.html, beside the study files
+
+
+@contextmanager
+def stage_timer(cfg: StudyConfig, stage: str) -> Iterator[None]:
+    """Record the stage's wall time (seconds) in <out>/timings.json, for the report and bench."""
+    t0 = time.time()
+    yield
+    path = cfg.out / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[stage] = round(time.time() - t0, 2)
+    atomic_write(path, lambda f: f.write(json.dumps(timings, indent=1).encode()))
+
+
+def report_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> Path:
+    with stage_timer(cfg, "report"):
+        path = write_report(report_inputs(cfg, ds, split, tracker), REPORTS / f"{cfg.name}.html")
+    console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
+
+
+def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> ReportInputs:
+    """Gather what the report shows from the storage, the trial folders and results.json."""
+    storage = search.open_storage(cfg)
+    sections = []
+    for model in cfg.models:
+        rows = search.trial_rows(cfg, model, storage)
+        best = search.completed_trials(cfg, model, storage)[:3]
+        curves = {
+            r.number: json.loads((r.dir / "history.json").read_text())
+            for r in best
+            if (r.dir / "history.json").exists()
+        }
+        sections.append(
+            ModelSection(
+                model,
+                cfg.cv.metric,
+                search.DIRECTIONS[cfg.cv.metric],
+                [TrialRow(model=model, **row) for row in rows],
+                search.importances(cfg, model, storage),
+                curves,
+            )
+        )
+    results_path = cfg.out / "ensemble" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    images = None
+    if results and results["misclassified"]:
+        rows_shown = split.test_idx[[m["row"] for m in results["misclassified"]]]
+        images = ds.x[rows_shown].permute(0, 2, 3, 1).numpy()
+        images = images[..., 0] if images.shape[-1] == 1 else images
+    timings = cfg.out / "timings.json"
+    return ReportInputs(
+        study=cfg.name,
+        config=resolved(cfg),
+        data_source=ds.source,
+        in_shape=ds.in_shape,
+        classes=list(ds.classes),
+        split={
+            "train": len(split.train_idx),
+            "test": len(split.test_idx),
+            "kind": split.kind,
+            "fingerprint": split.fingerprint,
+            "folds": cfg.cv.folds,
+        },
+        stage_seconds=json.loads(timings.read_text()) if timings.exists() else {},
+        tracking=tracking_links(cfg, tracker),
+        models=sections,
+        ensemble=results,
+        misclassified_images=images,
+        created=datetime.now().isoformat(timespec="seconds"),
+    )
+
+
+def tracking_links(cfg: StudyConfig, tracker: Tracker) -> dict[str, Any] | None:
+    if not tracker.enabled:
+        return None
+    return {
+        "uri": tracker.uri,
+        "experiment_id": tracker.experiment_id(),
+        "ui_url": tracker.uri if tracker.uri.startswith("http") else None,
+        "study_runs": {m: tracker.study_run(m) for m in cfg.models},
+    }
+
+
+def ensemble_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
+    if not cfg.ensemble.enabled:
+        return
+    with stage_timer(cfg, "ensemble"):
+        _ensemble(cfg, ds, split, tracker)
+
+
+def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
+    configure_threads(1)
+    storage = search.open_storage(cfg)
+    specs: list[MemberSpec] = []
+    for model in cfg.models:
+        records = search.completed_trials(cfg, model, storage)[: cfg.ensemble.top_k]
+        for r in records:
+            spec = MemberSpec(f"{model}/trial-{r.number}", model, r.number, "trial", r.value, r.dir)
+            specs += [spec, *snapshot_specs(spec, r.dir, cfg.cv.metric)]  # searched snapshots
+        if records and cfg.ensemble.snapshots > 1:  # the best configuration's snapshot run
+            cv = CrossValidator(cfg, model, ds, split, tracker)
+            folder = search.run_snapshots(cv, cfg.ensemble.snapshots)
+            best = records[0]
+            owner = MemberSpec(
+                f"{model}/snapshots-of-{best.number}",
+                model,
+                best.number,
+                "snapshot",
+                best.value,
+                folder or best.dir,
+            )
+            specs += snapshot_specs(owner, owner.dir, cfg.cv.metric) if folder else []
+    members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
+    for line in skipped:
+        console.print(f"[yellow]warning:[/] {line}")
+    test = HeldOut(
+        ds.x[split.test_idx], ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint
+    )
+    out = cfg.out / "ensemble"
+    results = run_ensemble(
+        members,
+        ds.y[split.train_idx].numpy(),
+        test,
+        cfg.ensemble,
+        out,
+        cfg.seed,
+        ds.in_shape,
+        cfg.cv.metric,
+    )
+    if results["reused"]:
+        console.print(
+            f"ensemble inputs unchanged: reusing the stored test evaluation "
+            f"({out / 'results.json'}; test evaluations so far: "
+            f"{results['test_evaluations']})"
+        )
+    else:
+        tracker.log_ensemble(results, out / "final", test.x[:4].numpy())
+    console.print(ensemble_table(results))

@@ -1,0 +1,85 @@
+"""The worker processes of a search, and the live progress table while they run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import typer
+from rich.live import Live
+
+from workbench import search
+from workbench.config import StudyConfig
+from workbench.console import console, progress_table
+
+
+def run_workers(
+    cfg: StudyConfig,
+    file: Path,
+    data: str | None,
+    trials: int | None,
+    n: int,
+    storage: search.RDBStorage,
+) -> bool:
+    """Start n `workbench worker` processes and show progress until they end; True if Ctrl-C."""
+    rows = search.progress(cfg, storage)
+    if all(r.complete + r.pruned >= r.target for r in rows):
+        console.print(
+            "every model study is complete: nothing to run "
+            "(raise `trials` in the study file, or pass --trials, to search further)"
+        )
+        return False
+    logs = cfg.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "workbench", "worker", str(file)]
+    argv += ["--data", data] if data else []
+    argv += ["--trials", str(trials)] if trials else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [*argv, "--index", str(i)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=(logs / f"worker-{i}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(n)
+    ]
+    stopping: list[bool] = []
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if stopping:  # a second Ctrl-C: stop now
+            for p in procs:
+                p.kill()
+        stopping.append(True)
+        for p in procs:  # a Ctrl-C in the terminal reaches them too; this covers `kill -INT`
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    started = time.time()
+    try:
+        with Live(console=console, refresh_per_second=1, transient=False) as live:
+            while any(p.poll() is None for p in procs):
+                live.update(
+                    progress_table(search.progress(cfg, storage), cfg.cv.metric, n, started)
+                )
+                time.sleep(1.0)
+            live.update(progress_table(search.progress(cfg, storage), cfg.cv.metric, n, started))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bad = [i for i, p in enumerate(procs) if p.returncode not in (0, 130)]
+    for i in bad:
+        tail = (logs / f"worker-{i}.log").read_text().strip().splitlines()[-15:]
+        console.print(
+            f"[red]worker {i} exited with {procs[i].returncode}[/]; "
+            f"last lines of {logs / f'worker-{i}.log'}:\n" + "\n".join(tail)
+        )
+    if bad and not stopping:
+        raise typer.Exit(1)
+    return bool(stopping)

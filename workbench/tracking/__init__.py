@@ -1,0 +1,5 @@
+"""The MLflow record of a study: only this package imports mlflow (see runs.py for its shape)."""
+
+from workbench.tracking.runs import STATUS, Tracker, artifact_root, flatten, tracking_uri
+
+__all__ = ["STATUS", "Tracker", "artifact_root", "flatten", "tracking_uri"]
