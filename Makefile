@@ -25,11 +25,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Debian's chromium renders the HTML report in the browser test (root, as on CI, or sudo).
+# Debian's chromium renders the HTML report in the browser test; a private PostgreSQL server
+# backs the storage tests (installed as root, as on CI, or with sudo).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-system-deps: ## Debian packages the tests use: chromium (report rendering)
+system-deps: ## Debian packages the tests use: chromium (report rendering), postgresql (storage tests)
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 study: install ## run a study: make study [STUDY=studies/x.toml] [DATA=path] [TRIALS=n] [WORKERS=n]
 	$(BIN)/workbench study $(STUDY) $(ARGS)
@@ -54,14 +57,18 @@ test-all: install system-deps ## every test, slow end-to-end runs included
 	$(BIN)/pytest -q
 
 lint: install ## ruff, formatting, mypy and the import DAG (import-linter)
-	$(BIN)/ruff check workbench tests
-	$(BIN)/ruff format --check workbench tests
+	$(BIN)/ruff check workbench tests bench
+	$(BIN)/ruff format --check workbench tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 format: install ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix workbench tests
-	$(BIN)/ruff format workbench tests
+	$(BIN)/ruff check --fix workbench tests bench
+	$(BIN)/ruff format workbench tests bench
+
+BENCH_ARGS ?=
+bench: install ## workbench beside its floors (~10 min, quiet machine): reports/bench/; BENCH_ARGS=--quick|--full|--profile
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean: ## remove results of studies (runs/) and reports; keeps .venv
 	rm -rf runs reports/*.html reports/bench

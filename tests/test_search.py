@@ -146,7 +146,7 @@ def test_a_storage_that_cannot_connect_gets_one_clear_line(
     cfg = load_study(tiny_file)
     with pytest.raises(
         StorageError,
-        match=r"cannot open the Optuna storage 'postgresql://nobody:pw@127\.0\.0\.1:9/none'",
+        match=r"cannot open the Optuna storage 'postgresql://nobody:\*\*\*@127\.0\.0\.1:9/none'",
     ):
         search.open_storage(cfg)
 

@@ -143,3 +143,16 @@ def test_checkpoint_round_trip_and_corruption(digits: tuple, tmp_path: Path) -> 
         load_model(path)
     with pytest.raises(CheckpointError, match=r"missing\.pt is missing"):
         load_model(tmp_path / "missing.pt")
+
+
+def test_a_run_too_short_for_one_cycle_warm_up_still_trains(digits: tuple) -> None:
+    """4 steps in all: torch's OneCycleLR divides by zero there; workbench anneals instead."""
+    train, val = split(digits)
+    small = (train[0][:256], train[1][:256])
+    result = fit(
+        model_for(small[0], "mlp", width=16),
+        small,
+        val,
+        TrainConfig(epochs=1, batch_size=64, schedule="onecycle"),
+    )
+    assert len(result.history) == 1

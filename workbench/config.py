@@ -147,6 +147,7 @@ class SearchConfig(_Frozen):
     pruner_warmup_epochs: int = Field(2, ge=0)  # epochs of each fold never pruned
     percentile: float = Field(25.0, gt=0.0, lt=100.0)  # for pruner = "percentile"
     storage: str | None = None  # Optuna RDB URL; default sqlite in the output folder
+    heartbeat: int = Field(10, ge=1)  # s between a running trial's heartbeats; stale after 3 missed
 
 
 class TrainConfig(_Frozen):

@@ -5,6 +5,17 @@ workers creating a new storage at once race); workers then call `run_worker`, wh
 until each study has its configured number of finished (complete + pruned) trials, so a second run
 resumes rather than restarts.
 
+Many workers, one storage. Each running trial sends a heartbeat every `search.heartbeat` seconds
+and records who runs it (user attrs `worker`, `pid`, `host`). A trial without a heartbeat for 3
+intervals belongs to a dead worker: the next worker to look fails it, deletes its half-written
+folder, closes its MLflow run and queues a retry with the same parameters (at most twice). A worker
+whose studies are all taken therefore waits while other workers' trials run, so that it can run
+such a retry. Two workers that both saw room for the study's last trial both start one: the later
+number sees that the earlier ones fill the study and ends at once as a FAIL with user attr
+`surplus` (no parameters, no files, not counted anywhere). On SQLite every transaction begins
+IMMEDIATE: without it Optuna's read-then-write steps are not atomic across processes, and two
+workers can pop the same queued trial and run it twice.
+
 Pruning. The folds are the same for every trial (seeded once per study), so "fold k, epoch e" is
 the same task in every trial. A trial reports its current fold's validation metric at step
 `k * max_epochs + e`, and the median (or percentile) pruner compares it with other trials at the
@@ -19,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +40,8 @@ from typing import Any, Literal
 
 import numpy as np
 import optuna
+import sqlalchemy
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
@@ -43,7 +57,8 @@ DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
     "log_loss": "minimize",
 }
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-HEARTBEAT_S = 10  # a worker's trial counts as dead after 3 missed heartbeats (grace 30 s)
+TAKEN = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)  # trials that fill a study
+MAX_RETRY = 2  # retries of a trial whose worker died (a third death leaves it FAIL)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats and their retry callback are "experimental" since Optuna 2.8; they are the only way
@@ -61,26 +76,103 @@ def storage_url(cfg: StudyConfig) -> str:
     return cfg.search.storage or os.environ.get("WORKBENCH_STORAGE") or default
 
 
-def open_storage(cfg: StudyConfig) -> RDBStorage:
-    """An RDB storage with heartbeats: a killed worker's trial is failed and re-queued."""
+def open_storage(cfg: StudyConfig, tracker: Tracker | None = None) -> RDBStorage:
+    """An RDB storage with heartbeats: a dead worker's trial is failed and retried (`StaleTrial`;
+    with `tracker`, its MLflow run is closed too)."""
     url = storage_url(cfg)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    beat = cfg.search.heartbeat
     try:
-        return RDBStorage(
+        storage = RDBStorage(
             url,
             engine_kwargs=kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=3 * HEARTBEAT_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            heartbeat_interval=beat,
+            grace_period=3 * beat,
+            heartbeat_stale_trial_callback=StaleTrial(cfg.out, 3 * beat, tracker),
         )
     except Exception as e:  # sqlalchemy's errors, a missing driver, a refused connection
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (pip install psycopg2-binary)" if "psycopg2" in first else ""
+        shown = _without_password(url)
         raise StorageError(
-            f"cannot open the Optuna storage {url!r}: {first}. Check the URL in search.storage "
-            f"or WORKBENCH_STORAGE (e.g. postgresql://user:pass@host/db) and that the server runs."
+            f"cannot open the Optuna storage {shown!r}: {first}{hint}. Check the URL in "
+            f"search.storage or WORKBENCH_STORAGE (e.g. postgresql://user:pass@host/db) and that "
+            f"the server runs."
         ) from None
+    if storage.engine.dialect.name == "sqlite" and storage.engine.url.database not in (
+        None,
+        "",
+        ":memory:",
+    ):
+        _begin_immediate(storage.engine)
+    return storage
+
+
+def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
+    """Begin every SQLite transaction with BEGIN IMMEDIATE (the write lock; SQLAlchemy's pysqlite
+    recipe), so that a read-then-write of Optuna's (pop a waiting trial, fail a stale one) is
+    atomic across processes. Other connections wait for the lock (`timeout`, 60 s)."""
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite emits no BEGIN of its own
+
+    def on_begin(connection: sqlalchemy.engine.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    sqlalchemy.event.listen(engine, "begin", on_begin)
+    engine.dispose()  # connections opened before the hooks (table checks) reopen with them
+
+
+@dataclass
+class StaleTrial:
+    """Called (by the worker that notices) for a trial whose heartbeats stopped: its worker died.
+
+    Queues a retry with the same parameters (Optuna's RetryHeartbeatStaleTrialCallback: a new
+    WAITING trial, `failed_trial` = the first number), deletes the half-written trial folder,
+    closes its MLflow trial run as FAILED (its fold runs are closed when the search stage ends)
+    and says so in the log.
+    """
+
+    out: Path  # the study's output folder
+    grace_s: int  # seconds without a heartbeat before a trial counts as dead
+    tracker: Tracker | None = None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+        attrs = trial.user_attrs
+        if "dir" in attrs:
+            shutil.rmtree(self.out / attrs["dir"], ignore_errors=True)
+        run = attrs.get("mlflow_run_id")
+        if self.tracker is not None and run:
+            try:
+                self.tracker.end_trial(run, "FAIL", {})
+            except Exception as e:  # the record can wait for the stage's end; the search cannot
+                print(f"warning: could not close MLflow run {run}: {e}", flush=True)
+        owner = (
+            f"worker {attrs['worker']} (pid {attrs.get('pid')} on {attrs.get('host')})"
+            if "worker" in attrs
+            else "its worker"
+        )
+        retried = len(trial.system_attrs.get("retry_history", [])) < MAX_RETRY
+        print(
+            f"{study.study_name} trial {trial.number}: no heartbeat from {owner} for "
+            f"{self.grace_s} s: failed; "
+            + ("queued again with the same parameters" if retried else "retried enough, dropped"),
+            flush=True,
+        )
+
+
+def _without_password(url: str) -> str:
+    """The URL as an error message may show it: any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy can parse: it holds no password we could find
+        return url
 
 
 def create_studies(cfg: StudyConfig, storage: RDBStorage) -> dict[str, optuna.Study]:
@@ -156,14 +248,40 @@ def trial_dir(cfg: StudyConfig, model: str, number: int) -> Path:
     return cfg.out / "trials" / model / f"{number:04d}"
 
 
+class Surplus(Exception):
+    """Other workers took the study's last trial first: this one ends (FAIL) before any work."""
+
+
+def _surplus(trial: Trial, target: int) -> bool:
+    """Do the trials numbered before this one (finished, running or queued) fill the study?"""
+    taken = trial.study.get_trials(deepcopy=False, states=TAKEN)
+    return sum(t.number < trial.number for t in taken) >= target
+
+
 @dataclass
 class Objective:
     """Score one trial: the mean over the k folds of the study's metric."""
 
     cv: CrossValidator
+    worker: int = 0  # the worker's index, recorded on each trial it runs
+    superseded: int | None = None  # our last trial, if another worker failed it while it ran
 
     def __call__(self, trial: Trial) -> float:
+        self.superseded = None
+        try:
+            return self._run(trial)
+        except UpdateFinishedTrialError:  # our heartbeats stalled past the grace period
+            self.superseded = trial.number
+            raise
+
+    def _run(self, trial: Trial) -> float:
         cfg, model = self.cv.cfg, self.cv.model
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
+        if _surplus(trial, cfg.trials_for(model)):
+            trial.set_user_attr("surplus", True)
+            raise Surplus(f"trial {trial.number}: the study already has its trials; nothing run")
         spec = cfg.models[model]
         hp = {**spec.params, **sample_params(trial, spec.space)}
         out = trial_dir(cfg, model, trial.number)
@@ -173,16 +291,16 @@ class Objective:
         t0 = time.perf_counter()
         try:
             result = self.cv.run(hp, out, run, trial.number, self._reporter(trial))
+            scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
+            summary = {**result.summary(), "seconds": time.perf_counter() - t0}
+            for key, value in {**summary, "fold_scores": scores}.items():
+                trial.set_user_attr(key, value)
         except BaseException as e:
             shutil.rmtree(out, ignore_errors=True)  # only completed trials become members
             self.cv.tracker.end_trial(run, run_state(e), {})
             if isinstance(e, Pruned):
                 raise optuna.TrialPruned(str(e)) from None
             raise
-        scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
-        summary = {**result.summary(), "seconds": time.perf_counter() - t0}
-        for key, value in {**summary, "fold_scores": scores}.items():
-            trial.set_user_attr(key, value)
         self.cv.tracker.end_trial(run, "COMPLETE", summary, oof_path=out / "oof.npz")
         return float(np.mean(scores))
 
@@ -247,9 +365,22 @@ def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path 
     return out
 
 
-def _taken(study: optuna.Study) -> int:
-    states = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
-    return len(study.get_trials(deepcopy=False, states=states))
+def _has_work(study: optuna.Study, target: int) -> bool:
+    """A queued trial (a retry, an enqueued one), or fewer than `target` trials taken."""
+    trials = study.get_trials(deepcopy=False, states=TAKEN)
+    return any(t.state == TrialState.WAITING for t in trials) or len(trials) < target
+
+
+def _running_elsewhere(study: optuna.Study) -> list[FrozenTrial]:
+    """Running trials of workbench workers (a trial records its worker when it starts)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [t for t in running if "worker" in t.user_attrs]
+
+
+def _pause(seconds: float, should_stop: Callable[[], bool]) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not should_stop():
+        time.sleep(0.2)
 
 
 def run_worker(
@@ -264,35 +395,83 @@ def run_worker(
 ) -> None:
     """Run trials, model after model, until every study has its configured number of trials.
 
-    Failed trials (a full disk, a corrupt file) are recorded and do not count; more than three in a
-    row stops the worker, since something is wrong beyond one trial.
+    Then wait while other workers' trials run: if one's worker dies, its trial is failed after 3
+    missed heartbeats and its retry runs here. Failed trials (a full disk, a corrupt file) are
+    recorded and do not count; more than three in a row of one model stops the worker, since
+    something is wrong beyond one trial.
     """
-    storage = open_storage(cfg)
-    for model in models or list(cfg.models):
-        study = optuna.load_study(
-            study_name=study_name(cfg, model),
+    storage = open_storage(cfg, tracker)
+    names = models or list(cfg.models)
+    studies = {
+        m: optuna.load_study(
+            study_name=study_name(cfg, m),
             storage=storage,
-            sampler=_sampler(cfg, model, worker),
+            sampler=_sampler(cfg, m, worker),
             pruner=_pruner(cfg),
         )
-        objective = Objective(CrossValidator(cfg, model, data, split, tracker, should_stop))
-        failures = 0
-        while not should_stop():
-            optuna.storages.fail_stale_trials(study)
-            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            if not waiting and _taken(study) >= cfg.trials_for(model):
+        for m in names
+    }
+    objectives = {
+        m: Objective(CrossValidator(cfg, m, data, split, tracker, should_stop), worker)
+        for m in names
+    }
+    failures = dict.fromkeys(names, 0)
+    waiting_for: set[tuple[str, int]] = set()
+    while not should_stop():
+        for study in studies.values():
+            optuna.storages.fail_stale_trials(study)  # FAIL, then StaleTrial queues a retry
+        model = next((m for m in names if _has_work(studies[m], cfg.trials_for(m))), None)
+        if model is None:
+            running = {(m, t.number) for m in names for t in _running_elsewhere(studies[m])}
+            if not running:
                 break
-            study.optimize(objective, n_trials=1, catch=(OSError, CheckpointError))
-            last = study.get_trials(deepcopy=False)[-1]
-            failures = failures + 1 if last.state == TrialState.FAIL else 0
-            if failures > 3:
-                raise StorageError(f"{study.study_name}: 4 trials in a row failed; see the log")
+            if not running <= waiting_for:
+                waiting_for |= running
+                listed = ", ".join(f"{m} #{n}" for m, n in sorted(running))
+                print(
+                    f"worker {worker}: every study has its trials; waiting for {listed} in "
+                    f"other workers (a trial without heartbeat for {3 * cfg.search.heartbeat} s "
+                    f"is failed and retried here)",
+                    flush=True,
+                )
+            _pause(min(cfg.search.heartbeat, 2), should_stop)  # ends soon after they do
+            continue
+        ended = _run_one(studies[model], objectives[model])
+        failed = ended is not None and ended.state == TrialState.FAIL
+        failures[model] = failures[model] + 1 if failed else 0
+        if failures[model] > 3:
+            raise StorageError(f"{study_name(cfg, model)}: 4 trials in a row failed; see the log")
     if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:  # then the snapshot runs, shared out
-        for model in models or list(cfg.models):
+        for model in names:
             if should_stop():
                 break
             cv = CrossValidator(cfg, model, data, split, tracker, should_stop)
             run_snapshots(cv, cfg.ensemble.snapshots, claim=True)
+
+
+def _run_one(study: optuna.Study, objective: Objective) -> FrozenTrial | None:
+    """One trial; returns it as it ended, or None for one that is not ours to count (surplus, or
+    failed by another worker while it ran)."""
+    ended: list[FrozenTrial] = []
+    try:
+        study.optimize(
+            objective,
+            n_trials=1,
+            catch=(OSError, CheckpointError, Surplus),
+            callbacks=[lambda _, trial: ended.append(trial)],
+        )
+    except ValueError:  # Optuna's "Cannot tell a FAIL trial": another worker failed it
+        if objective.superseded is None:
+            raise
+        print(
+            f"{study.study_name} trial {objective.superseded}: failed by another worker while it "
+            f"ran here (its heartbeats stalled); its retry runs it again",
+            flush=True,
+        )
+        return None
+    if not ended or ended[0].user_attrs.get("surplus"):
+        return None
+    return ended[0]
 
 
 @dataclass(frozen=True)
@@ -316,6 +495,7 @@ def progress(cfg: StudyConfig, storage: RDBStorage) -> list[ModelProgress]:
     for model in cfg.models:
         study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
         trials = study.get_trials(deepcopy=False)
+        trials = [t for t in trials if not t.user_attrs.get("surplus")]
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
         done = [t for t in trials if t.state in FINISHED and t.duration]
         best = _best(study)
@@ -387,6 +567,8 @@ def trial_rows(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[dict[s
     std_key = f"cv_{cfg.cv.metric}_std"
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue  # a trial that ran nothing: the study was full when it started
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         rows.append(
             {

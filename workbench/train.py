@@ -177,8 +177,10 @@ def _schedule(
     """Per-iteration learning-rate schedules; `lr` is the peak."""
     total = max(cfg.epochs * steps_per_epoch, 1)
     sched = torch.optim.lr_scheduler
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 8:  # torch's warm-up needs >= 2 steps of 25 %
         return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    if cfg.schedule == "onecycle":  # a run this short has no room to warm up: anneal only
+        return sched.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.schedule == "cosine_restarts":  # Huang et al. 2017: M equal cycles, restart each

@@ -160,5 +160,9 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
             f"{results['test_evaluations']})"
         )
     else:
-        tracker.log_ensemble(results, out / "final", test.x[:4].numpy())
+        run_id = tracker.log_ensemble(results, out / "final", test.x[:4].numpy())
+        if run_id:  # where the loadable model is: mlflow.pyfunc.load_model(model_uri)
+            link = {"run_id": run_id, "model_uri": f"runs:/{run_id}/model", "uri": tracker.uri}
+            atomic_write(out / "mlflow.json", lambda f: f.write(json.dumps(link).encode()))
+            console.print(f"final model: {link['model_uri']} (MLflow store {tracker.uri})")
     console.print(ensemble_table(results))

@@ -80,6 +80,7 @@ def run_workers(
             f"[red]worker {i} exited with {procs[i].returncode}[/]; "
             f"last lines of {logs / f'worker-{i}.log'}:\n" + "\n".join(tail)
         )
-    if bad and not stopping:
-        raise typer.Exit(1)
+    rows = search.progress(cfg, storage)
+    if bad and not stopping and any(r.complete + r.pruned < r.target for r in rows):
+        raise typer.Exit(1)  # a worker died and the others could not finish its share
     return bool(stopping)

@@ -1,0 +1,472 @@
+"""Many workers on one storage: a killed worker, a full disk, races, and a real PostgreSQL server.
+
+Rules checked here (see workbench/search.py):
+- a worker killed mid-trial: its trial is failed after 3 missed heartbeats, its retry (same
+  parameters) is run by a surviving worker, and trials completed before keep their files;
+- a failed write fails the trial, not the study; a trial failed under a live worker does not
+  stop it;
+- two workers never run one trial twice, and a study ends with exactly its configured number
+  of finished trials.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from workbench import cli, search
+from workbench.config import StudyConfig, load_study
+from workbench.cv import CrossValidator
+from workbench.data import ImageData, Split, load_data, load_or_make_split
+from workbench.files import load_npz, save_npz
+from workbench.tracking import Tracker
+from workbench.train import load_model
+
+ENV = {
+    **os.environ,
+    "COLUMNS": "160",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def edit(
+    file: Path, search_keys: dict[str, Any], epochs: int = 2, mlflow: Path | None = None
+) -> Path:
+    """The tiny study file with [search] keys added, epochs set, tracking into `mlflow` (sqlite)."""
+    text = file.read_text().replace("epochs = 2", f"epochs = {epochs}")
+    lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in search_keys.items())
+    text = text.replace("trials = 3\n", "") if "trials" in search_keys else text
+    text = text.replace("[search]\n", f"[search]\n{lines}")
+    if mlflow is not None:
+        text = text.replace(
+            "[tracking]\nenabled = false", f'[tracking]\nuri = "sqlite:///{mlflow}"'
+        )
+    file.write_text(text)
+    return file
+
+
+def wait_for(what: str, timeout: float, check: Callable[[], Any]) -> Any:
+    """Poll `check` until it returns something true; fail naming `what` after `timeout` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def worker(file: Path, index: int, log: Path) -> subprocess.Popen[bytes]:
+    """`workbench worker FILE --index i`, as the parent starts it."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workbench", "worker", str(file), "--index", str(index)],
+            cwd=file.parent,
+            env=ENV,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+def counted(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def prepare(cfg: StudyConfig) -> tuple[ImageData, Split, optuna.Study]:
+    """What the parent does before its workers start: the split, then the studies."""
+    data = load_data(cfg.data)
+    split = load_or_make_split(data, cfg.data, cfg.seed, cfg.out / "split.npz")
+    return data, split, search.create_studies(cfg, search.open_storage(cfg))["mlp"]
+
+
+# --- a worker killed mid-trial --------------------------------------------------------------------
+
+HB = 1  # seconds between heartbeats here: a trial is stale after 3 s without one
+
+
+def mid_trial(study: optuna.Study, index: int, tracked: bool) -> Callable[[], FrozenTrial | None]:
+    """A trial worker `index` is training, once some trial is complete (None until then)."""
+
+    def find() -> FrozenTrial | None:
+        trials = study.get_trials(deepcopy=False)
+        if not any(t.state == TrialState.COMPLETE for t in trials):
+            return None
+        for t in trials:
+            if (
+                t.state == TrialState.RUNNING
+                and t.user_attrs.get("worker") == index
+                and ("mlflow_run_id" in t.user_attrs or not tracked)
+                and t.intermediate_values  # at least one epoch reported
+            ):
+                return t
+        return None
+
+    return find
+
+
+def kill(proc: subprocess.Popen[bytes]) -> datetime:
+    os.kill(proc.pid, signal.SIGKILL)
+    killed_at = datetime.now()  # naive local time, like Optuna's trial datetimes
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    return killed_at
+
+
+def check_retried(
+    cfg: StudyConfig,
+    study: optuna.Study,
+    victim: FrozenTrial,
+    before: list[FrozenTrial],
+    killed_at: datetime,
+) -> tuple[FrozenTrial, FrozenTrial]:
+    """The killed trial ended FAIL by heartbeat and its one retry (same parameters) ran to the
+    end; the study has exactly its trials; every trial completed before the kill kept its files."""
+    trials = {t.number: t for t in study.get_trials()}
+    dead = trials[victim.number]
+    retries = [
+        t
+        for t in trials.values()
+        if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number
+    ]
+    assert dead.state == TrialState.FAIL and dead.datetime_complete is not None
+    assert len(retries) == 1, [(t.number, t.state.name) for t in trials.values()]
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert retry.user_attrs["worker"] == 0  # the survivor ran it
+    assert len(counted(study)) == cfg.search.trials
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    others = [t for t in trials.values() if t.state == TrialState.FAIL and t is not dead]
+    assert all(t.user_attrs.get("surplus") for t in others)  # no other failure: no duplicate
+    for t in before:
+        folder = cfg.out / t.user_attrs["dir"]
+        assert trials[t.number].state == TrialState.COMPLETE
+        assert load_npz(folder / "oof.npz")["proba"].shape[0] > 0
+        for k in range(cfg.cv.folds):
+            load_model(folder / f"fold-{k}.pt")
+    assert not (cfg.out / dead.user_attrs["dir"]).exists()  # its half-written folder is gone
+    failed_after = (dead.datetime_complete - killed_at).total_seconds()
+    assert failed_after < 3 * HB + 10
+    assert retry.datetime_start and retry.datetime_complete
+    print(
+        f"\nkilled worker {victim.user_attrs['worker']} (pid {victim.user_attrs['pid']}) in "
+        f"trial {victim.number} at epoch step {max(victim.intermediate_values)}; failed by "
+        f"heartbeat {failed_after:.1f} s later; retry trial {retry.number} started "
+        f"{(retry.datetime_start - killed_at).total_seconds():.1f} s and completed "
+        f"{(retry.datetime_complete - killed_at).total_seconds():.1f} s after the kill"
+    )
+    return dead, retry
+
+
+def test_the_next_worker_fails_a_killed_worker_s_trial_and_retries_it(
+    tiny_file: Path, tmp_path: Path
+) -> None:
+    """One worker process is killed mid-trial; a worker started after it (here, in-process)
+    runs the remaining trial, waits for the dead trial to go stale, then runs its retry."""
+    file = edit(tiny_file, {"trials": 3, "heartbeat": HB, "pruner": "none"}, epochs=4)
+    cfg = load_study(file)
+    data, split, study = prepare(cfg)
+    proc = worker(file, 1, tmp_path / "worker-1.log")
+    try:
+        victim = wait_for("worker 1 mid-trial", 120, mid_trial(study, 1, tracked=False))
+        assert victim.user_attrs["pid"] == proc.pid
+        before = study.get_trials(states=(TrialState.COMPLETE,))
+        killed_at = kill(proc)
+    finally:
+        stop([proc])
+    search.run_worker(cfg, data, split, Tracker(cfg, enabled=False), worker=0)
+    check_retried(cfg, study, victim, before, killed_at)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_one_killed_with_tracking(tiny_file: Path, tmp_path: Path) -> None:
+    """`workbench study` as it runs: two worker processes, MLflow on; worker 1 is killed
+    mid-trial, worker 0 finishes the study and the retry; the parent's end closes every run."""
+    file = edit(
+        tiny_file,
+        {"trials": 4, "heartbeat": HB, "pruner": "none"},
+        epochs=4,  # a trial of ~2-4 s here: long enough to be caught running
+        mlflow=tmp_path / "mlflow.db",
+    )
+    cfg, _, _ = cli.prepare(file, None, None)  # the parent's part: split, studies, study runs
+    study = search.create_studies(cfg, search.open_storage(cfg))["mlp"]
+    Tracker(cfg).study_run("mlp", create=True)
+    logs = [tmp_path / f"worker-{i}.log" for i in (0, 1)]
+    procs = [worker(file, i, logs[i]) for i in (0, 1)]
+    try:
+        victim = wait_for("worker 1 mid-trial", 120, mid_trial(study, 1, tracked=True))
+        assert victim.user_attrs["pid"] == procs[1].pid
+        before = study.get_trials(states=(TrialState.COMPLETE,))
+        killed_at = kill(procs[1])
+        assert procs[0].wait(timeout=180) == 0, logs[0].read_text()[-3000:]
+    finally:
+        stop(procs)
+    check_retried(cfg, study, victim, before, killed_at)
+    assert f"no heartbeat from worker 1 (pid {procs[1].pid}" in logs[0].read_text()
+
+    # the parent ends the study runs: nothing RUNNING, the killed trial's run FAILED
+    tracker = Tracker(cfg)
+    tracker.end_study("mlp", {"trials_complete": 4})
+    runs = tracker.find_runs("")
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[victim.user_attrs["mlflow_run_id"]].info.status == "FAILED"
+    trial_runs = [
+        r.data.tags["optuna.trial_number"]
+        for r in runs
+        if r.data.tags.get("workbench.kind") == "trial"
+    ]
+    numbers = [str(t.number) for t in study.get_trials() if not t.user_attrs.get("surplus")]
+    assert sorted(trial_runs) == sorted(numbers)  # one trial run per trial: none ran twice
+
+
+# --- failures one trial at a time (in-process) ----------------------------------------------------
+
+
+def test_a_full_disk_fails_the_trial_not_the_study(
+    tiny_cfg: StudyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, split, study = prepare(tiny_cfg)
+
+    def full_for_trial_1(path: Path, **arrays: Any) -> Path:
+        if Path(path).parent.name == "0001":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save_npz(path, **arrays)
+
+    monkeypatch.setattr("workbench.cv.save_npz", full_for_trial_1)
+    search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False))
+    trials = study.get_trials()
+    assert trials[1].state == TrialState.FAIL
+    assert len(counted(study)) == 3 and len(trials) == 4  # the worker went on
+    assert not (tiny_cfg.out / "trials" / "mlp" / "0001").exists()  # no half-trial folder
+    assert (tiny_cfg.out / "trials" / "mlp" / "0002" / "oof.npz").exists()
+
+
+def test_a_trial_failed_under_a_live_worker_is_retried_and_the_worker_goes_on(
+    tiny_cfg: StudyConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its heartbeats stalled past the grace period, so another worker failed trial 0 and queued
+    a retry while it still ran: the live worker drops it (no files) and carries on."""
+    data, split, study = prepare(tiny_cfg)
+    storage = search.open_storage(tiny_cfg)
+    real_run = CrossValidator.run
+
+    def run(self: CrossValidator, hp: Any, out: Path, run_id: str, label: Any, report: Any) -> Any:
+        if label == 0:  # what fail_stale_trials does in the other worker
+            (trial,) = study.get_trials(states=(TrialState.RUNNING,))
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            callback = storage.get_heartbeat_stale_trial_callback()
+            assert callback is not None
+            callback(study, storage.get_trial(trial._trial_id))
+        return real_run(self, hp, out, run_id, label, report)
+
+    monkeypatch.setattr(CrossValidator, "run", run)
+    search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False))
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
+    assert trials[1].state in FINISHED and trials[1].params == trials[0].params
+    assert len(counted(study)) == 3
+    assert not (tiny_cfg.out / "trials" / "mlp" / "0000").exists()
+    assert "trial 0: failed by another worker while it ran here" in capsys.readouterr().out
+
+
+# --- races --------------------------------------------------------------------------------------
+
+
+def test_creating_the_studies_twice_gives_the_same_studies(tiny_cfg: StudyConfig) -> None:
+    """The parent creates them before any worker starts; a resume (or a second parent) loads them.
+    (The MLflow study run is reused the same way: tests/test_tracking.py.)"""
+    first = search.create_studies(tiny_cfg, search.open_storage(tiny_cfg))
+    again = search.create_studies(tiny_cfg, search.open_storage(tiny_cfg))
+    assert first["mlp"]._study_id == again["mlp"]._study_id
+    assert again["mlp"].user_attrs == first["mlp"].user_attrs
+    assert len(optuna.get_all_study_summaries(search.open_storage(tiny_cfg))) == 1
+
+
+def test_a_worker_that_started_a_trial_too_many_runs_nothing(
+    tiny_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers both saw room for the last trial and both started one: the later number ends
+    at once (FAIL, user attr `surplus`, no parameters, no folder) and is counted nowhere."""
+    cfg = load_study(tiny_file, trials=2)
+    data, split, study = prepare(cfg)
+    real, lied = search._has_work, []
+
+    def stale_read(s: optuna.Study, target: int) -> bool:  # says "room" once, when it is full
+        if len(counted(s)) == 2 and not lied:
+            lied.append(True)
+            return True
+        return real(s, target)
+
+    monkeypatch.setattr(search, "_has_work", stale_read)
+    search.run_worker(cfg, data, split, Tracker(cfg, enabled=False))
+    trials = study.get_trials()
+    assert [t.state for t in trials][2:] == [TrialState.FAIL]
+    assert trials[2].user_attrs["surplus"] and trials[2].params == {}
+    assert len(counted(study)) == 2
+    assert not (cfg.out / "trials" / "mlp" / "0002").exists()
+    (row,) = search.progress(cfg, search.open_storage(cfg))
+    assert (row.complete + row.pruned, row.failed) == (2, 0)
+    assert [r["number"] for r in search.trial_rows(cfg, "mlp", search.open_storage(cfg))] == [0, 1]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_never_take_the_same_queued_trial(
+    backend: str, tiny_cfg: StudyConfig, request: pytest.FixtureRequest
+) -> None:
+    """Optuna takes a queued (WAITING) trial, a retry say, by reading its state, then writing
+    RUNNING. Worker B tries to take it between worker A's read and write: only one may get it.
+    (On SQLite, without BEGIN IMMEDIATE, both did.)"""
+    cfg = tiny_cfg
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres")("race")
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"storage": url})})
+    a, b = search.open_storage(cfg), search.open_storage(cfg)
+    study = search.create_studies(cfg, a)["mlp"]
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    took: dict[str, bool] = {}
+
+    def take(name: str, storage: search.RDBStorage) -> None:
+        took[name] = storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING)
+
+    b_tries = threading.Thread(target=take, args=("b", b))
+
+    def after_a_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not b_tries.ident and statement.lstrip().startswith("SELECT") and "trials" in statement:
+            b_tries.start()
+            b_tries.join(timeout=1.0)  # B finishes now, or waits for A's lock
+
+    sqlalchemy.event.listen(a.engine, "after_cursor_execute", after_a_reads)
+    take("a", a)
+    b_tries.join(timeout=60)
+    assert took == {"a": True, "b": False}
+
+
+# --- a real PostgreSQL server ---------------------------------------------------------------------
+
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Callable[[str], str]]:
+    """A private PostgreSQL server (trust auth on loopback, a temp folder, stopped at the end);
+    yields `database(name)`, which creates a database and returns its URL."""
+    if not PG_BINS:
+        pytest.skip(
+            "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: install Debian's "
+            "`postgresql` package (the Makefile's system-deps does)"
+        )
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver: pip install psycopg2-binary")
+    bin_ = PG_BINS[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="workbench-pg-"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    port, data = free_port(), root / "data"
+
+    def pg(*argv: object) -> None:
+        cmd = [*as_pg, *map(str, argv)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            pytest.fail(f"{Path(str(argv[0])).name} failed: {done.stdout}{done.stderr}")
+
+    def database(name: str) -> str:
+        pg(bin_ / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", name)
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{name}"
+
+    started = False
+    try:
+        pg(bin_ / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "-N")
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        started = True
+        pg(bin_ / "pg_ctl", "-D", data, "-l", root / "server.log", "-o", options, "-w", "start")
+        yield database
+    finally:
+        if started:
+            subprocess.run(
+                [*as_pg, str(bin_ / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def workbench(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_two_workers_share_a_postgresql_storage(
+    postgres: Callable[[str], str], tiny_file: Path, tmp_path: Path
+) -> None:
+    url = postgres("study")
+    env = {**ENV, "WORKBENCH_STORAGE": url}
+    first = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    study = optuna.load_study(study_name="tiny/mlp", storage=url)
+    trials = study.get_trials()
+    assert len(counted(study)) == 3  # exactly the configured trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
+    assert {t.user_attrs["worker"] for t in counted(study)} <= {0, 1}
+    assert not (tmp_path / "runs" / "tiny" / "optuna.db").exists()  # nothing went to SQLite
+
+    again = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "every model study is complete" in again.stdout
+    assert len(optuna.load_study(study_name="tiny/mlp", storage=url).trials) == len(trials)
+
+
+def test_a_postgresql_server_that_is_not_there_gets_one_clear_line(
+    tiny_file: Path, tmp_path: Path
+) -> None:
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/none"  # nothing listens
+    result = workbench("study", str(tiny_file), cwd=tmp_path, env={**ENV, "WORKBENCH_STORAGE": url})
+    assert result.returncode == 2
+    said = " ".join(result.stdout.split())
+    assert f"error: cannot open the Optuna storage '{url}'" in said
+    assert "Connection refused" in said or "could not connect" in said.lower()
+    assert "Traceback" not in result.stdout + result.stderr
