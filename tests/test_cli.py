@@ -34,6 +34,8 @@ def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Pat
     assert {p.name for p in (out / "logs").iterdir()} == {"worker-0.log", "worker-1.log"}
     assert (out / "study.resolved.json").exists() and (out / "split.npz").exists()
 
+    check_report_matches_the_stored_results(tmp_path / "reports" / "tiny.html", study, out)
+
     again = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "every model study is complete" in again.stdout
@@ -49,3 +51,19 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "data.path is not set" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def check_report_matches_the_stored_results(report: Path, study: optuna.Study, out: Path) -> None:
+    """The report written by `study` shows the Optuna storage's numbers and the stored results."""
+    import html
+    import json
+
+    text = html.unescape(report.read_text())
+    assert "Study tiny" in text and 'http-equiv="Content-Security-Policy"' in text
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert f"{trial.value:.4f}" in text, f"trial {trial.number}'s CV value is not shown"
+    results = json.loads((out / "ensemble" / "results.json").read_text())
+    for name, method in results["methods"].items():
+        assert f"{method['test']['log_loss']:.4f}" in text, f"{name}'s test log loss is not shown"
+    assert f"{results['final']['test']['log_loss']:.4f}" in text
