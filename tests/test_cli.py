@@ -59,7 +59,8 @@ def check_report_matches_the_stored_results(report: Path, study: optuna.Study, o
     import json
 
     text = html.unescape(report.read_text())
-    assert "Study tiny" in text and 'http-equiv="Content-Security-Policy"' in text
+    assert "<title>tiny · workbench report</title>" in text
+    assert 'http-equiv="Content-Security-Policy"' in text
     for trial in study.trials:
         if trial.state == optuna.trial.TrialState.COMPLETE:
             assert f"{trial.value:.4f}" in text, f"trial {trial.number}'s CV value is not shown"
