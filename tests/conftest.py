@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,22 @@ dropout = {{ low = 0.0, high = 0.3 }}
 """
 
 configure_threads(1)
+
+CLI_ENV = {**os.environ, "COLUMNS": "160", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """`python -m workbench ARGS` as a user runs it, in `cwd`, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        cwd=cwd,
+        env=env or CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
-
-ENV = {**os.environ, "COLUMNS": "160", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
-def workbench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workbench", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from conftest import run_cli
 
 
 def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Path) -> None:
-    first = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
+    first = run_cli("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "best trial per model" in first.stdout and "mlp" in first.stdout
     out = tmp_path / "runs" / "tiny"
@@ -36,7 +21,7 @@ def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Pat
 
     check_report_matches_the_stored_results(tmp_path / "reports" / "tiny.html", study, out)
 
-    again = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
+    again = run_cli("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "every model study is complete" in again.stdout
     assert len(optuna.load_study(study_name="tiny/mlp", storage=study._storage).trials) == len(
@@ -47,7 +32,7 @@ def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Pat
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\n[models.cnn]\n[cv]\nfolds = 3\n[data]\nsource = "idx"\n')
-    result = workbench("study", str(bad), cwd=tmp_path)
+    result = run_cli("study", str(bad), cwd=tmp_path)
     assert result.returncode == 2
     assert "data.path is not set" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr

@@ -27,26 +27,15 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-from conftest import TINY
+from conftest import CLI_ENV, TINY, run_cli
 
 import workbench
 from workbench.config import load_study
 from workbench.tracking import STATUS, Tracker, flatten
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "COLUMNS": "160", "MLFLOW_DISABLE_TELEMETRY": "true"}
+ENV = CLI_ENV
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
-
-
-def workbench_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workbench", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def free_port() -> int:
@@ -163,7 +152,7 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
     )
     study_file.write_text(text)
 
-    first = workbench_cli("study", str(study_file), "--workers", "2", cwd=tmp)
+    first = run_cli("study", str(study_file), "--workers", "2", cwd=tmp, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
 
     # the server starts (~15 s) while the resume runs
@@ -195,7 +184,7 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
             start_new_session=True,  # its own process group: uvicorn runs in a child process
         )
     try:
-        again = workbench_cli("study", str(study_file), "--workers", "2", cwd=tmp)
+        again = run_cli("study", str(study_file), "--workers", "2", cwd=tmp, timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
         api = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90

@@ -30,6 +30,7 @@ from typing import Any
 import optuna
 import pytest
 import sqlalchemy
+from conftest import run_cli
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -428,23 +429,12 @@ def postgres() -> Iterator[Callable[[str], str]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def workbench(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workbench", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_two_workers_share_a_postgresql_storage(
     postgres: Callable[[str], str], tiny_file: Path, tmp_path: Path
 ) -> None:
     url = postgres("study")
     env = {**ENV, "WORKBENCH_STORAGE": url}
-    first = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path, env=env)
+    first = run_cli("study", str(tiny_file), "--workers", "2", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     study = optuna.load_study(study_name="tiny/mlp", storage=url)
     trials = study.get_trials()
@@ -454,7 +444,7 @@ def test_two_workers_share_a_postgresql_storage(
     assert {t.user_attrs["worker"] for t in counted(study)} <= {0, 1}
     assert not (tmp_path / "runs" / "tiny" / "optuna.db").exists()  # nothing went to SQLite
 
-    again = workbench("study", str(tiny_file), "--workers", "2", cwd=tmp_path, env=env)
+    again = run_cli("study", str(tiny_file), "--workers", "2", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "every model study is complete" in again.stdout
     assert len(optuna.load_study(study_name="tiny/mlp", storage=url).trials) == len(trials)
@@ -464,7 +454,7 @@ def test_a_postgresql_server_that_is_not_there_gets_one_clear_line(
     tiny_file: Path, tmp_path: Path
 ) -> None:
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/none"  # nothing listens
-    result = workbench("study", str(tiny_file), cwd=tmp_path, env={**ENV, "WORKBENCH_STORAGE": url})
+    result = run_cli("study", str(tiny_file), cwd=tmp_path, env={**ENV, "WORKBENCH_STORAGE": url})
     assert result.returncode == 2
     said = " ".join(result.stdout.split())
     assert f"error: cannot open the Optuna storage '{url}'" in said
