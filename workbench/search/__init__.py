@@ -1,0 +1,78 @@
+"""The search: one Optuna study per model, each trial scored by stratified k-fold cross-validation.
+
+Only this package imports optuna. The parent creates every study before any worker starts (two
+workers creating a new storage at once race); workers then call `run_worker`, which runs trials
+until each study has its configured number of finished (complete + pruned) trials, so a second run
+resumes rather than restarts.
+
+Many workers, one storage. Each running trial sends a heartbeat every `search.heartbeat` seconds
+and records who runs it (user attrs `worker`, `pid`, `host`). A trial without a heartbeat for 3
+intervals belongs to a dead worker: the next worker to look fails it, deletes its half-written
+folder, closes its MLflow run and queues a retry with the same parameters (at most twice). A worker
+whose studies are all taken therefore waits while other workers' trials run, so that it can run
+such a retry. Two workers that both saw room for the study's last trial both start one: the later
+number sees that the earlier ones fill the study and ends at once as a FAIL with user attr
+`surplus` (no parameters, no files, not counted anywhere). On SQLite every transaction begins
+IMMEDIATE: without it Optuna's read-then-write steps are not atomic across processes, and two
+workers can pop the same queued trial and run it twice.
+
+Pruning. The folds are the same for every trial (seeded once per study), so "fold k, epoch e" is
+the same task in every trial. A trial reports its current fold's validation metric at step
+`k * max_epochs + e`, and the median (or percentile) pruner compares it with other trials at the
+same step: a hopeless trial is stopped within its first fold, not after k full trainings.
+
+On disk, per completed trial: `<out>/trials/<model>/<number>/fold-<k>.pt` (k fold checkpoints) and
+`oof.npz` (rows: data indices, y, proba: out-of-fold class probabilities, every training row once).
+"""
+
+from optuna.storages import RDBStorage
+
+from workbench.search.results import (
+    ModelProgress,
+    TrialRecord,
+    completed_trials,
+    importances,
+    progress,
+    trial_rows,
+)
+from workbench.search.storage import (
+    DIRECTIONS,
+    FINISHED,
+    TAKEN,
+    StaleTrial,
+    create_studies,
+    open_storage,
+    storage_url,
+    study_name,
+)
+from workbench.search.trials import (
+    Objective,
+    run_snapshots,
+    run_worker,
+    sample_params,
+    trial_dir,
+)
+
+__all__ = [
+    "DIRECTIONS",
+    "FINISHED",
+    "TAKEN",
+    "ModelProgress",
+    "Objective",
+    "RDBStorage",
+    "StaleTrial",
+    "TrialRecord",
+    "_has_work",
+    "completed_trials",
+    "create_studies",
+    "importances",
+    "open_storage",
+    "progress",
+    "run_snapshots",
+    "run_worker",
+    "sample_params",
+    "storage_url",
+    "study_name",
+    "trial_dir",
+    "trial_rows",
+]

@@ -1,0 +1,131 @@
+"""What the studies hold, read back as plain values: progress, completed trials, leaderboards and
+hyperparameter importance (for the console, the ensemble stage and the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from workbench.config import StudyConfig
+from workbench.search.storage import DIRECTIONS, FINISHED, best_trial, study_name
+
+
+@dataclass(frozen=True)
+class ModelProgress:
+    model: str
+    target: int
+    complete: int
+    pruned: int
+    failed: int
+    running: int
+    best_value: float | None
+    best_number: int | None
+    best_params: dict[str, Any]
+    mean_seconds: float | None  # wall time of a finished trial, on average
+    first_start: float | None  # unix time of the first trial's start
+
+
+def progress(cfg: StudyConfig, storage: RDBStorage) -> list[ModelProgress]:
+    """Where every model study stands, read from the storage (works for remote workers too)."""
+    out = []
+    for model in cfg.models:
+        study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        trials = [t for t in trials if not t.user_attrs.get("surplus")]
+        count = {s: sum(t.state == s for t in trials) for s in TrialState}
+        done = [t for t in trials if t.state in FINISHED and t.duration]
+        best = best_trial(study)
+        starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
+        out.append(
+            ModelProgress(
+                model=model,
+                target=cfg.trials_for(model),
+                complete=count[TrialState.COMPLETE],
+                pruned=count[TrialState.PRUNED],
+                failed=count[TrialState.FAIL],
+                running=count[TrialState.RUNNING],
+                best_value=best.value if best else None,
+                best_number=best.number if best else None,
+                best_params=best.params if best else {},
+                mean_seconds=(
+                    float(np.mean([t.duration.total_seconds() for t in done if t.duration]))
+                    if done
+                    else None
+                ),
+                first_start=min(starts) if starts else None,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A completed trial as the ensembling and report stages see it."""
+
+    model: str
+    number: int
+    value: float
+    params: dict[str, Any]
+    attrs: dict[str, Any]
+    dir: Path
+    duration_s: float | None
+
+
+def completed_trials(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[TrialRecord]:
+    """Completed trials of one model study, best first."""
+    study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    records = [
+        TrialRecord(
+            model,
+            t.number,
+            float(t.value or 0.0),
+            dict(t.params),
+            dict(t.user_attrs),
+            cfg.out / t.user_attrs["dir"],
+            t.duration.total_seconds() if t.duration else None,
+        )
+        for t in trials
+    ]
+    return sorted(records, key=lambda r: r.value, reverse=DIRECTIONS[cfg.cv.metric] == "maximize")
+
+
+def trial_rows(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[dict[str, Any]]:
+    """Every trial of a model study, any state, as plain values (for the report)."""
+    study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+    std_key = f"cv_{cfg.cv.metric}_std"
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue  # a trial that ran nothing: the study was full when it started
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value if t.state == TrialState.COMPLETE else last,
+                "cv_std": t.user_attrs.get(std_key),
+                "params": dict(t.params),
+                "seconds": t.duration.total_seconds() if t.duration else None,
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            }
+        )
+    return rows
+
+
+def importances(cfg: StudyConfig, model: str, storage: RDBStorage) -> dict[str, float]:
+    """Optuna's own hyperparameter importance (fANOVA) over completed trials; {} when it cannot
+    be computed (fewer than two completed trials, or no parameter varies)."""
+    study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+    try:
+        found = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):
+        return {}
+    return {k: float(v) for k, v in found.items()}

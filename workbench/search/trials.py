@@ -1,0 +1,295 @@
+"""Trials: the objective (k-fold CV of sampled hyperparameters), pruning, the worker loop and the
+snapshot runs. See workbench/search/__init__.py for pruning and what a worker does when others die.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from workbench.config import Choice, IntRange, Param, StudyConfig
+from workbench.cv import CrossValidator, Pruned, Report, run_state
+from workbench.data import ImageData, Split
+from workbench.errors import CheckpointError, StorageError
+from workbench.runtime import derive_seed
+from workbench.search.storage import TAKEN, best_trial, open_storage, study_name
+from workbench.tracking import Tracker
+
+
+def sample_params(trial: Trial, space: dict[str, Param]) -> dict[str, Any]:
+    """Draw one value per searched hyperparameter; names are the study file's own."""
+    out: dict[str, Any] = {}
+    for name, p in space.items():
+        if isinstance(p, Choice):
+            out[name] = trial.suggest_categorical(name, list(p.choices))  # type: ignore[arg-type]
+        elif isinstance(p, IntRange):
+            out[name] = trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
+        else:
+            out[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    return out
+
+
+def _pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    s = cfg.search
+    if s.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if s.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(
+            s.percentile,
+            n_startup_trials=s.pruner_startup_trials,
+            n_warmup_steps=s.pruner_warmup_epochs,
+        )
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_epochs
+    )
+
+
+def _sampler(cfg: StudyConfig, model: str, worker: int) -> optuna.samplers.BaseSampler:
+    seed = derive_seed(cfg.seed, model, "sampler", worker)  # differs per worker, fixed per study
+    if cfg.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=cfg.search.startup_trials, multivariate=True
+    )
+
+
+def trial_dir(cfg: StudyConfig, model: str, number: int) -> Path:
+    return cfg.out / "trials" / model / f"{number:04d}"
+
+
+class Surplus(Exception):
+    """Other workers took the study's last trial first: this one ends (FAIL) before any work."""
+
+
+def _surplus(trial: Trial, target: int) -> bool:
+    """Do the trials numbered before this one (finished, running or queued) fill the study?"""
+    taken = trial.study.get_trials(deepcopy=False, states=TAKEN)
+    return sum(t.number < trial.number for t in taken) >= target
+
+
+@dataclass
+class Objective:
+    """Score one trial: the mean over the k folds of the study's metric."""
+
+    cv: CrossValidator
+    worker: int = 0  # the worker's index, recorded on each trial it runs
+    superseded: int | None = None  # our last trial, if another worker failed it while it ran
+
+    def __call__(self, trial: Trial) -> float:
+        self.superseded = None
+        try:
+            return self._run(trial)
+        except UpdateFinishedTrialError:  # our heartbeats stalled past the grace period
+            self.superseded = trial.number
+            raise
+
+    def _run(self, trial: Trial) -> float:
+        cfg, model = self.cv.cfg, self.cv.model
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
+        if _surplus(trial, cfg.trials_for(model)):
+            trial.set_user_attr("surplus", True)
+            raise Surplus(f"trial {trial.number}: the study already has its trials; nothing run")
+        spec = cfg.models[model]
+        hp = {**spec.params, **sample_params(trial, spec.space)}
+        out = trial_dir(cfg, model, trial.number)
+        run = self.cv.tracker.start_trial(model, trial.number, hp)
+        trial.set_user_attr("mlflow_run_id", run)
+        trial.set_user_attr("dir", str(out.relative_to(cfg.out)))  # relative: portable
+        t0 = time.perf_counter()
+        try:
+            result = self.cv.run(hp, out, run, trial.number, self._reporter(trial))
+            scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
+            summary = {**result.summary(), "seconds": time.perf_counter() - t0}
+            for key, value in {**summary, "fold_scores": scores}.items():
+                trial.set_user_attr(key, value)
+        except BaseException as e:
+            shutil.rmtree(out, ignore_errors=True)  # only completed trials become members
+            self.cv.tracker.end_trial(run, run_state(e), {})
+            if isinstance(e, Pruned):
+                raise optuna.TrialPruned(str(e)) from None
+            raise
+        self.cv.tracker.end_trial(run, "COMPLETE", summary, oof_path=out / "oof.npz")
+        return float(np.mean(scores))
+
+    def _reporter(self, trial: Trial) -> Report:
+        """Report each epoch at step fold * max_epochs + epoch; raise Pruned when hopeless."""
+        metric = "val_accuracy" if self.cv.cfg.cv.metric == "accuracy" else "val_loss"
+        stride = self.cv.max_epochs()
+
+        def report(fold: int, epoch: int, metrics: dict[str, float]) -> None:
+            if not np.isfinite(metrics["val_loss"]):
+                trial.set_user_attr("diverged", True)
+                raise Pruned(f"validation loss is {metrics['val_loss']} (diverged)")
+            trial.report(metrics[metric], step=fold * stride + epoch)
+            if trial.should_prune():
+                raise Pruned(f"fold {fold} epoch {epoch}: {metric}={metrics[metric]:.4f}")
+
+        return report
+
+
+def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path | None:
+    """A snapshot ensemble (Huang et al. 2017) of the model's best configuration: its k folds
+    retrained with `cycles` cosine cycles, one snapshot member per cycle (in snap-<m>/).
+
+    Done once per study; with `claim`, a worker skips a run another worker has claimed.
+    Returns the folder, or None when the model has no completed trial (or another has it).
+    """
+    cfg = cv.cfg
+    study = optuna.load_study(study_name=study_name(cfg, cv.model), storage=open_storage(cfg))
+    best = best_trial(study)
+    out = cfg.out / "snapshots" / cv.model
+    if best is None:
+        return None
+    done = out / "trial.json"
+    if done.exists() and json.loads(done.read_text()) == {"trial": best.number, "cycles": cycles}:
+        return out
+    if claim:
+        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return None  # the best may still change: the parent runs it after the search
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(out / ".claimed", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return None
+    hp = {
+        **cfg.models[cv.model].params,
+        **best.params,
+        "schedule": "cosine_restarts",
+        "cycles": cycles,
+    }
+    hp["epochs"] = max(int(hp.get("epochs", cfg.train.epochs)), cycles)  # >= 1 epoch a cycle
+    for old in out.glob("snap-*"):  # made from an older best, or half made
+        shutil.rmtree(old)
+    label = f"snapshots-of-{best.number}"
+    run = cv.tracker.start_trial(cv.model, label, hp)
+    try:
+        result = cv.run(hp, out, run, label)
+    except BaseException as e:
+        cv.tracker.end_trial(run, run_state(e), {})
+        raise
+    done.write_text(json.dumps({"trial": best.number, "cycles": cycles}))
+    cv.tracker.end_trial(run, "COMPLETE", result.summary(), oof_path=out / "oof.npz")
+    return out
+
+
+def _has_work(study: optuna.Study, target: int) -> bool:
+    """A queued trial (a retry, an enqueued one), or fewer than `target` trials taken."""
+    trials = study.get_trials(deepcopy=False, states=TAKEN)
+    return any(t.state == TrialState.WAITING for t in trials) or len(trials) < target
+
+
+def _running_elsewhere(study: optuna.Study) -> list[FrozenTrial]:
+    """Running trials of workbench workers (a trial records its worker when it starts)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [t for t in running if "worker" in t.user_attrs]
+
+
+def _pause(seconds: float, should_stop: Callable[[], bool]) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not should_stop():
+        time.sleep(0.2)
+
+
+def run_worker(
+    cfg: StudyConfig,
+    data: ImageData,
+    split: Split,
+    tracker: Tracker,
+    *,
+    worker: int = 0,
+    models: list[str] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run trials, model after model, until every study has its configured number of trials.
+
+    Then wait while other workers' trials run: if one's worker dies, its trial is failed after 3
+    missed heartbeats and its retry runs here. Failed trials (a full disk, a corrupt file) are
+    recorded and do not count; more than three in a row of one model stops the worker, since
+    something is wrong beyond one trial.
+    """
+    storage = open_storage(cfg, tracker)
+    names = models or list(cfg.models)
+    studies = {
+        m: optuna.load_study(
+            study_name=study_name(cfg, m),
+            storage=storage,
+            sampler=_sampler(cfg, m, worker),
+            pruner=_pruner(cfg),
+        )
+        for m in names
+    }
+    objectives = {
+        m: Objective(CrossValidator(cfg, m, data, split, tracker, should_stop), worker)
+        for m in names
+    }
+    failures = dict.fromkeys(names, 0)
+    waiting_for: set[tuple[str, int]] = set()
+    while not should_stop():
+        for study in studies.values():
+            optuna.storages.fail_stale_trials(study)  # FAIL, then StaleTrial queues a retry
+        model = next((m for m in names if _has_work(studies[m], cfg.trials_for(m))), None)
+        if model is None:
+            running = {(m, t.number) for m in names for t in _running_elsewhere(studies[m])}
+            if not running:
+                break
+            if not running <= waiting_for:
+                waiting_for |= running
+                listed = ", ".join(f"{m} #{n}" for m, n in sorted(running))
+                print(
+                    f"worker {worker}: every study has its trials; waiting for {listed} in "
+                    f"other workers (a trial without heartbeat for {3 * cfg.search.heartbeat} s "
+                    f"is failed and retried here)",
+                    flush=True,
+                )
+            _pause(min(cfg.search.heartbeat, 2), should_stop)  # ends soon after they do
+            continue
+        ended = _run_one(studies[model], objectives[model])
+        failed = ended is not None and ended.state == TrialState.FAIL
+        failures[model] = failures[model] + 1 if failed else 0
+        if failures[model] > 3:
+            raise StorageError(f"{study_name(cfg, model)}: 4 trials in a row failed; see the log")
+    if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:  # then the snapshot runs, shared out
+        for model in names:
+            if should_stop():
+                break
+            cv = CrossValidator(cfg, model, data, split, tracker, should_stop)
+            run_snapshots(cv, cfg.ensemble.snapshots, claim=True)
+
+
+def _run_one(study: optuna.Study, objective: Objective) -> FrozenTrial | None:
+    """One trial; returns it as it ended, or None for one that is not ours to count (surplus, or
+    failed by another worker while it ran)."""
+    ended: list[FrozenTrial] = []
+    try:
+        study.optimize(
+            objective,
+            n_trials=1,
+            catch=(OSError, CheckpointError, Surplus),
+            callbacks=[lambda _, trial: ended.append(trial)],
+        )
+    except ValueError:  # Optuna's "Cannot tell a FAIL trial": another worker failed it
+        if objective.superseded is None:
+            raise
+        print(
+            f"{study.study_name} trial {objective.superseded}: failed by another worker while it "
+            f"ran here (its heartbeats stalled); its retry runs it again",
+            flush=True,
+        )
+        return None
+    if not ended or ended[0].user_attrs.get("surplus"):
+        return None
+    return ended[0]
