@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from workbench.config import StudyConfig, TrainConfig
 from workbench.data import ImageData, Split, channel_stats, cv_folds
 from workbench.errors import ConfigError
+from workbench.evaluate import scores
 from workbench.files import atomic_write, save_npz
 from workbench.models import create_model, model_hparams
 from workbench.runtime import derive_seed, seed_everything, select_device
@@ -59,12 +60,6 @@ class CVResult:
             "cv_log_loss": float(np.mean(self.log_loss)),
             "cv_log_loss_std": float(np.std(self.log_loss)),
         }
-
-
-def fold_scores(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Accuracy and mean log loss (nats, probabilities clipped at 1e-15) of one fold."""
-    p_true = np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0)
-    return float((proba.argmax(1) == y).mean()), float(-np.log(p_true).mean())
 
 
 @dataclass
@@ -123,9 +118,9 @@ class CrossValidator:
                 k, tr, va, model_hp, train_cfg, out, run_id, label, report
             )
             oof[va] = proba
-            acc, nll = fold_scores(proba, y[va])
-            result.accuracy.append(acc)
-            result.log_loss.append(nll)
+            fold = scores(proba, y[va])
+            result.accuracy.append(fold["accuracy"])
+            result.log_loss.append(fold["log_loss"])
             result.history.append(history)
             for m, p in enumerate(snaps):
                 if m == len(snap_oof):

@@ -18,6 +18,16 @@ CI = (2.5, 97.5)  # percentiles of the bootstrap distribution: a 95 % percentile
 CHUNK = 1 << 22  # resampled row indices drawn at once (32 MiB of int64)
 
 
+def scores(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy and mean log loss (nats, probabilities clipped at EPS): a fold's or a member's
+    score on its out-of-fold rows, cheap enough to call per fold (no input checks)."""
+    p_true = np.clip(proba[np.arange(len(y)), y], EPS, 1.0)
+    return {
+        "accuracy": float((proba.argmax(1) == y).mean()),
+        "log_loss": float(-np.log(p_true).mean()),
+    }
+
+
 def _labels(y: ArrayLike, n: int | None = None, name: str = "y") -> NDArray[np.intp]:
     labels = np.asarray(y)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench import evaluate
 from workbench.errors import CheckpointError
 from workbench.files import load_npz
 from workbench.train import load_model, predict_proba
@@ -87,11 +88,7 @@ def snapshot_specs(owner: MemberSpec, folder: Path, metric: str) -> list[MemberS
     specs = []
     for p in sorted(folder.glob("snap-*"), key=lambda p: int(p.name.split("-")[1])):
         oof = load_npz(p / "oof.npz", what=f"snapshot {p}")
-        proba, y = oof["proba"], oof["y"]
-        if metric == "accuracy":
-            score = float((proba.argmax(1) == y).mean())
-        else:
-            score = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1)).mean())
+        score = evaluate.scores(oof["proba"], oof["y"])[metric]
         name = f"{owner.name}/snapshot-{p.name.split('-')[1]}"
         specs.append(MemberSpec(name, owner.model, owner.trial, "snapshot", score, p))
     return specs

@@ -53,20 +53,12 @@ def _combiner(name: str, cfg: EnsembleConfig, seed: int) -> Any:
     return make_combiner(name, **kwargs)
 
 
-def oof_scores(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    p_true = np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0)
-    return {
-        "accuracy": float((proba.argmax(1) == y).mean()),
-        "log_loss": float(-np.log(p_true).mean()),
-    }
-
-
 def cross_validated(combiner: Any, P: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
     """The combiner's OOF-row estimate: fit on 4/5 of the rows, predict the other 1/5, x5."""
     out = np.zeros(P.shape[1:])
     for fit_rows, held in StratifiedKFold(5, shuffle=True, random_state=seed).split(P[0], y):
         out[held] = clone(combiner).fit(P[:, fit_rows], y[fit_rows]).predict_proba(P[:, held])
-    return oof_scores(out, y)
+    return evaluate.scores(out, y)
 
 
 def fingerprint(members: list[Member], cfg: EnsembleConfig, test: HeldOut) -> str:
@@ -106,7 +98,7 @@ def run_ensemble(
         methods[name] = {
             "members": [m.name for m in members],
             "weights": [float(w) for w in comb.weights_],
-            "oof": oof_scores(comb.predict_proba(P), y_train),
+            "oof": evaluate.scores(comb.predict_proba(P), y_train),
             "oof_cv": cross_validated(comb, P, y_train, seed),
         }
     chosen = min(methods, key=lambda n: methods[n]["oof_cv"]["log_loss"])
@@ -186,7 +178,7 @@ def _score(
                 "trial": m.spec.trial,
                 "kind": m.spec.kind,
                 "cv_score": m.spec.cv_score,
-                "oof": oof_scores(m.oof, y_train),
+                "oof": evaluate.scores(m.oof, y_train),
                 "test": evaluate.metrics(P_test[i], y),
             }
             for i, m in enumerate(members)
