@@ -110,20 +110,36 @@ def test_hopeless_trials_are_pruned_in_the_default_study(tmp_path: Path) -> None
     assert not (cfg.out / "trials" / "mlp" / "0004").exists()  # pruned trials leave no files
 
 
-def test_ctrl_c_stops_after_the_epoch_and_keeps_completed_trials(tiny_cfg: StudyConfig) -> None:
+def test_ctrl_c_requeues_the_running_trial_and_its_retry_keeps_the_finished_folds(
+    tiny_cfg: StudyConfig,
+) -> None:
     data, split = prepare(tiny_cfg)
     storage = search.open_storage(tiny_cfg)
     search.create_studies(tiny_cfg, storage)
+    folder = tiny_cfg.out / "trials" / "mlp" / "0001"
     # "Ctrl-C" arrives during the second trial, once its first fold is done
-    stop = (tiny_cfg.out / "trials" / "mlp" / "0001" / "fold-0.pt").exists
+    stop = (folder / "fold-0.npz").exists
     with pytest.raises(Interrupted):
         search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False), should_stop=stop)
     study = optuna.load_study(study_name="tiny/mlp", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "WAITING"]
+    stopped, queued = study.trials[1], study.trials[2]
+    assert stopped.user_attrs["interrupted"] and "interrupted" not in queued.user_attrs
+    assert queued.params == stopped.params
     assert (tiny_cfg.out / "trials" / "mlp" / "0000" / "oof.npz").exists()
-    assert not (tiny_cfg.out / "trials" / "mlp" / "0001").exists()  # no half-trial files
-    # resuming completes the study with new trials; the interrupted one does not count
+    kept = (folder / "fold-0.pt").stat().st_mtime_ns
+    assert not (folder / "fold-1.npz").exists()  # stopped after an epoch of fold 1
+    (row,) = search.progress(tiny_cfg, storage)
+    assert row.failed == 0  # an interrupted trial is not a failure: it is queued again
+    # resuming runs the queued copy first: fold 0 kept, folds 1 and 2 trained; then the study
+    # completes with one new trial
     search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False))
+    retry = study.get_trials()[2]
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["folds_resumed"] == [0]
+    assert retry.user_attrs["dir"] == "trials/mlp/0001"
+    assert (folder / "fold-0.pt").stat().st_mtime_ns == kept  # not retrained
+    stride = tiny_cfg.train.epochs
+    assert {step // stride for step in retry.intermediate_values} == {1, 2}
     states = [t.state.name for t in study.get_trials()]
     assert states.count("COMPLETE") + states.count("PRUNED") == 3
 

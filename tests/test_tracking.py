@@ -8,6 +8,7 @@ the logged pyfunc model is loaded in a fresh process and must predict what Final
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -293,7 +294,7 @@ def test_trial_runs_hold_the_optuna_params_and_cv_metrics(
             assert run.metrics["cv_accuracy"] == pytest.approx(t.value)
 
 
-def test_fold_runs_hold_per_epoch_metrics_and_their_checkpoint(record: Record) -> None:
+def test_fold_runs_hold_per_epoch_metrics_and_point_at_their_checkpoint(record: Record) -> None:
     epochs = load_study(record.study_file).train.epochs
     runs = record.runs()
     complete = {r.id for r in runs if r.kind == "trial" and r.tags["optuna.state"] == "COMPLETE"}
@@ -307,15 +308,14 @@ def test_fold_runs_hold_per_epoch_metrics_and_their_checkpoint(record: Record) -
         assert [m["value"] for m in got] == pytest.approx([h[key] for h in history]), key
     assert 0 <= fold.metrics["best_epoch"] < epochs
 
-    listed = record.artifacts(fold.id, "checkpoint")
-    assert list(listed) == [f"checkpoint/fold-{k}.pt"]
-    assert (
-        int(listed[f"checkpoint/fold-{k}.pt"]["file_size"])
-        == (trial_dir / f"fold-{k}.pt").stat().st_size
-    )
+    # the run store holds the checkpoint (written once); the fold run names it and its sha256
+    assert not record.artifacts(fold.id)
+    ckpt = trial_dir / f"fold-{k}.pt"
+    assert fold.tags["workbench.checkpoint"] == ckpt.resolve().as_uri()
+    assert fold.tags["workbench.checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
 
-def test_study_and_trial_runs_hold_config_and_oof(record: Record) -> None:
+def test_study_and_trial_runs_hold_config_and_point_at_the_trial_files(record: Record) -> None:
     runs = record.runs()
     (study_run,) = (r for r in runs if r.kind == "study")
     assert "config/study.resolved.json" in record.artifacts(study_run.id, "config")
@@ -325,8 +325,12 @@ def test_study_and_trial_runs_hold_config_and_oof(record: Record) -> None:
     assert study_run.params == {k: v[:6000] for k, v in flatten(resolved).items()}
 
     complete = [r for r in runs if r.kind == "trial" and r.tags["optuna.state"] == "COMPLETE"]
+    assert complete
     for trial in complete:
-        assert list(record.artifacts(trial.id, "oof")) == ["oof/oof.npz"]
+        number = int(trial.tags["optuna.trial_number"])
+        folder = record.out / "trials" / "mlp" / f"{number:04d}"
+        assert trial.tags["workbench.files"] == folder.resolve().as_uri()
+        assert not record.artifacts(trial.id)  # nothing copied: the files are written once
 
 
 def test_ensemble_run_holds_test_metrics_results_and_model(record: Record) -> None:
@@ -444,8 +448,8 @@ def test_disabled_tracker_makes_no_store(
         fold = tracker.start_fold(run, "mlp", 0, 0)
         assert run == fold == ""
         tracker.log_epoch(fold, 0, {"val_loss": 1.0})
-        tracker.end_fold(fold, "COMPLETE", best_epoch=0, checkpoint=tmp_path / "nothing.pt")
-        tracker.end_trial(run, "COMPLETE", {"cv_accuracy": 0.5}, oof_path=tmp_path / "no.npz")
+        tracker.end_fold(fold, "COMPLETE", best_epoch=0, tags={"workbench.checkpoint": "x"})
+        tracker.end_trial(run, "COMPLETE", {"cv_accuracy": 0.5}, files=tmp_path.as_uri())
         tracker.end_study("mlp", {"best_value": 0.5})
         assert tracker.log_ensemble({}, tmp_path, np.zeros((1, 1, 8, 8))) == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "on.toml"])

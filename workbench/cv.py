@@ -1,14 +1,14 @@
 """Cross-validation of one configuration: k fold models, out-of-fold probabilities, checkpoints.
 
 The search scores every trial with `CrossValidator.run`; snapshot ensembles run it too. The folds
-are stratified and seeded once per study, so every trial trains on the same k tasks. Folder layout
-of one run (a trial or a snapshot run):
+are stratified and seeded once per study, so every trial trains on the same k tasks. Where the
+files go is the run store's (workbench/store.py); what happens is told as events
+(workbench/events.py), which tracking listens to: this module knows no tracker.
 
-    fold-<k>.pt            the k fold models (state dict + what rebuilds the model)
-    oof.npz                rows (data indices), y, proba: every training row exactly once
-    history.json           per fold, per epoch: train_loss, val_loss, val_accuracy, lr
-    snap-<m>/fold-<k>.pt   with schedule = cosine_restarts and cycles > 1: the weights at the end
-    snap-<m>/oof.npz       of each cycle m, and their own out-of-fold probabilities
+Resume inside a run: each completed fold is recorded beside its checkpoint. A run started again
+in the same folder (the retry of a trial whose worker died or was stopped) keeps those folds and
+trains only the missing ones; a fold's seed depends on the study seed, model, run and fold, so
+the retry trains the missing folds exactly as the first try would have.
 """
 
 from __future__ import annotations
@@ -26,10 +26,19 @@ from workbench.config import StudyConfig, TrainConfig
 from workbench.data import ImageData, Split, channel_stats, cv_folds
 from workbench.errors import ConfigError
 from workbench.evaluate import scores
-from workbench.files import atomic_write, save_npz
+from workbench.events import (
+    CheckpointWritten,
+    EpochEnded,
+    Events,
+    FoldEnded,
+    FoldResumed,
+    FoldStarted,
+    RunRef,
+)
+from workbench.files import atomic_write, file_digest, save_npz
 from workbench.models import create_model, model_hparams
 from workbench.runtime import derive_seed, seed_everything, select_device
-from workbench.tracking import Tracker
+from workbench.store import FoldRecord, RunStore
 from workbench.train import Interrupted, fit, predict_proba, save_checkpoint
 
 # report(fold, epoch, metrics): the search's pruning hook; raising from it stops the run
@@ -52,6 +61,7 @@ class CVResult:
     log_loss: list[float]  # per fold, nats
     history: list[list[dict[str, float]]] = field(default_factory=list)
     snapshots: int = 0  # snapshot members written beside the run (snap-<m>/)
+    resumed: list[int] = field(default_factory=list)  # folds kept from an earlier try
 
     def summary(self) -> dict[str, float]:
         return {
@@ -70,10 +80,11 @@ class CrossValidator:
     model: str  # the study file's model section
     data: ImageData
     split: Split
-    tracker: Tracker
+    events: Events = field(default_factory=Events)
     should_stop: Callable[[], bool] = lambda: False
 
     def __post_init__(self) -> None:
+        self.store = RunStore(self.cfg.out)
         rows = self.split.train_idx
         self.x, self.y = self.data.x[rows], self.data.y[rows]
         self.folds = cv_folds(self.y.numpy(), self.cfg.cv.folds, self.cfg.seed)
@@ -103,33 +114,42 @@ class CrossValidator:
         self,
         hp: dict[str, Any],
         out: Path,
-        run_id: str,
-        label: int | str,
+        ref: RunRef,
         report: Report | None = None,
+        seed_label: int | str | None = None,
     ) -> CVResult:
-        """Train and score every fold; write checkpoints, OOF and history under `out`."""
+        """Train and score every fold not already complete in `out`; write the run's files there.
+
+        `seed_label` names the run in fold seeds (default: `ref.label`); a retry passes its first
+        try's, so the folds it trains are the ones the first try would have trained."""
         model_hp, train_cfg = self.split_hparams(hp)
+        seed_label = ref.label if seed_label is None else seed_label
         y = self.y.numpy()
         oof = np.full((len(y), self.data.num_classes), np.nan)
-        snap_oof: list[np.ndarray] = []
+        snap_oof: list[np.ndarray] = []  # per snapshot m, (training rows, classes)
         result = CVResult(oof, [], [])
         for k, (tr, va) in enumerate(self.folds):
-            proba, history, snaps = self._fold(
-                k, tr, va, model_hp, train_cfg, out, run_id, label, report
-            )
-            oof[va] = proba
-            fold = scores(proba, y[va])
-            result.accuracy.append(fold["accuracy"])
-            result.log_loss.append(fold["log_loss"])
-            result.history.append(history)
-            for m, p in enumerate(snaps):
+            fold = self.store.read_fold(out, k)
+            if fold is not None and np.array_equal(fold.rows, va):
+                result.resumed.append(k)
+                self.events.emit(FoldResumed(ref, k, fold.history, fold.best_epoch))
+            else:
+                fold = self._fold(k, tr, va, model_hp, train_cfg, out, ref, seed_label, report)
+            oof[va] = fold.proba
+            for m, p in enumerate(fold.snap_proba):
                 if m == len(snap_oof):
                     snap_oof.append(np.full_like(oof, np.nan))
                 snap_oof[m][va] = p
-        save_npz(out / "oof.npz", rows=self.split.train_idx, y=y, proba=oof)
-        atomic_write(out / "history.json", lambda f: f.write(json.dumps(result.history).encode()))
+            fold_scores = scores(fold.proba, y[va])
+            result.accuracy.append(fold_scores["accuracy"])
+            result.log_loss.append(fold_scores["log_loss"])
+            result.history.append(fold.history)
+        save_npz(self.store.oof(out), rows=self.split.train_idx, y=y, proba=oof)
+        history = json.dumps(result.history).encode()
+        atomic_write(self.store.history(out), lambda f: f.write(history))
         for m, p in enumerate(snap_oof):
-            save_npz(out / f"snap-{m}" / "oof.npz", rows=self.split.train_idx, y=y, proba=p)
+            path = self.store.oof(self.store.snapshot(out, m))
+            save_npz(path, rows=self.split.train_idx, y=y, proba=p)
         result.snapshots = len(snap_oof)
         return result
 
@@ -141,20 +161,21 @@ class CrossValidator:
         model_hp: dict[str, Any],
         train_cfg: TrainConfig,
         out: Path,
-        run_id: str,
-        label: int | str,
+        ref: RunRef,
+        seed_label: int | str,
         report: Report | None,
-    ) -> tuple[np.ndarray, list[dict[str, float]], list[np.ndarray]]:
-        gen = seed_everything(derive_seed(self.cfg.seed, self.model, label, k))
+    ) -> FoldRecord:
+        """Train fold k; write its checkpoint (and snapshot checkpoints), then its record."""
+        gen = seed_everything(derive_seed(self.cfg.seed, self.model, seed_label, k))
         xt, yt, xv, yv = self.x[tr], self.y[tr], self.x[va], self.y[va]
         mean, std = channel_stats(xt)  # this fold's training rows only
         net = create_model(
             self.arch, self.data.num_classes, self.data.in_shape, mean, std, **model_hp
         ).to(self.device)
-        fold_run = self.tracker.start_fold(run_id, self.model, label, k)
+        self.events.emit(FoldStarted(ref, k))
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            self.tracker.log_epoch(fold_run, epoch, metrics)
+            self.events.emit(EpochEnded(ref, k, epoch, metrics))
             if report is not None:
                 report(k, epoch, metrics)
 
@@ -169,25 +190,31 @@ class CrossValidator:
                 on_epoch=on_epoch,
                 should_stop=self.should_stop,
             )
+            meta = {
+                "arch": self.arch,
+                "num_classes": self.data.num_classes,
+                "in_shape": list(self.data.in_shape),
+                "hparams": model_hp,
+                "study": f"{self.cfg.name}/{self.model}",
+                "run": str(ref.label),
+                "fold": k,
+            }
+            ckpt = save_checkpoint(self.store.checkpoint(out, k), net, meta)
+            digest, size = file_digest(ckpt)
+            self.events.emit(CheckpointWritten(ref, k, ckpt.resolve().as_uri(), digest, size))
+            proba = predict_proba(net, xv)
+            snaps = []
+            if len(result.snapshots) > 1:  # one cycle is the run itself: no snapshot ensemble
+                for m, state in enumerate(result.snapshots):
+                    net.load_state_dict(state)
+                    path = self.store.checkpoint(self.store.snapshot(out, m), k)
+                    save_checkpoint(path, net, {**meta, "snapshot": m})
+                    snaps.append(predict_proba(net, xv))
+            snap_proba = np.stack(snaps) if snaps else np.empty((0, *proba.shape))
+            record = FoldRecord(va, proba, snap_proba, result.history, result.best_epoch)
+            self.store.write_fold(out, k, record)
         except BaseException as e:
-            self.tracker.end_fold(fold_run, run_state(e))
+            self.events.emit(FoldEnded(ref, k, run_state(e)))
             raise
-        meta = {
-            "arch": self.arch,
-            "num_classes": self.data.num_classes,
-            "in_shape": list(self.data.in_shape),
-            "hparams": model_hp,
-            "study": f"{self.cfg.name}/{self.model}",
-            "run": str(label),
-            "fold": k,
-        }
-        ckpt = save_checkpoint(out / f"fold-{k}.pt", net, meta)
-        proba = predict_proba(net, xv)
-        snaps = []
-        if len(result.snapshots) > 1:  # one cycle is the run itself: no snapshot ensemble
-            for m, state in enumerate(result.snapshots):
-                net.load_state_dict(state)
-                save_checkpoint(out / f"snap-{m}" / f"fold-{k}.pt", net, {**meta, "snapshot": m})
-                snaps.append(predict_proba(net, xv))
-        self.tracker.end_fold(fold_run, "COMPLETE", best_epoch=result.best_epoch, checkpoint=ckpt)
-        return proba, result.history, snaps
+        self.events.emit(FoldEnded(ref, k, "COMPLETE", best_epoch=result.best_epoch))
+        return record

@@ -5,6 +5,7 @@ A crash or a full disk mid-write leaves the previous file, never half of a new o
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import zipfile
@@ -50,3 +51,13 @@ def load_npz(path: str | Path, what: str = "file") -> dict[str, np.ndarray]:
         raise CheckpointError(f"{what} {path} is missing") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise CheckpointError(f"{what} {path} is truncated or corrupt ({e})") from None
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, read in 1 MiB chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size

@@ -23,6 +23,7 @@ from workbench.errors import ConfigError, WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_models
 from workbench.runtime import configure_threads, default_workers
+from workbench.store import RunStore
 from workbench.tracking import Tracker
 from workbench.train import Interrupted
 
@@ -48,7 +49,7 @@ def prepare(
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
     data = load_data(cfg.data, data_path)
-    split = load_or_make_split(data, cfg.data, cfg.seed, cfg.out / "split.npz")
+    split = load_or_make_split(data, cfg.data, cfg.seed, RunStore(cfg.out).file("split.npz"))
     cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed)  # folds <= smallest class
     return cfg, data, split
 
@@ -71,7 +72,7 @@ def study(
             f"split, data {split.fingerprint}); results in {cfg.out}"
         )
         atomic_write(
-            cfg.out / "study.resolved.json",
+            RunStore(cfg.out).file("study.resolved.json"),
             lambda f: f.write(json.dumps(resolved(cfg), indent=2).encode()),
         )
         storage = search.open_storage(cfg)

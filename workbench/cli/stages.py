@@ -18,10 +18,13 @@ from workbench.cv import CrossValidator
 from workbench.data import ImageData, Split
 from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
 from workbench.ensemble.stage import HeldOut, run_ensemble
+from workbench.errors import CheckpointError
+from workbench.events import Events
 from workbench.files import atomic_write
 from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
 from workbench.runtime import configure_threads
-from workbench.tracking import Tracker
+from workbench.store import RunStore
+from workbench.tracking import FoldRuns, Tracker
 
 REPORTS = Path("reports")  # reports/<study>.html, beside the study files
 
@@ -31,7 +34,7 @@ def stage_timer(cfg: StudyConfig, stage: str) -> Iterator[None]:
     """Record the stage's wall time (seconds) in <out>/timings.json, for the report and bench."""
     t0 = time.time()
     yield
-    path = cfg.out / "timings.json"
+    path = RunStore(cfg.out).file("timings.json")
     timings = json.loads(path.read_text()) if path.exists() else {}
     timings[stage] = round(time.time() - t0, 2)
     atomic_write(path, lambda f: f.write(json.dumps(timings, indent=1).encode()))
@@ -46,15 +49,15 @@ def report_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker
 
 def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> ReportInputs:
     """Gather what the report shows from the storage, the trial folders and results.json."""
-    storage = search.open_storage(cfg)
+    storage, store = search.open_storage(cfg), RunStore(cfg.out)
     sections = []
     for model in cfg.models:
         rows = search.trial_rows(cfg, model, storage)
         best = search.completed_trials(cfg, model, storage)[:3]
         curves = {
-            r.number: json.loads((r.dir / "history.json").read_text())
+            r.number: json.loads(store.history(r.dir).read_text())
             for r in best
-            if (r.dir / "history.json").exists()
+            if store.history(r.dir).exists()
         }
         sections.append(
             ModelSection(
@@ -66,14 +69,14 @@ def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracke
                 curves,
             )
         )
-    results_path = cfg.out / "ensemble" / "results.json"
+    results_path = store.ensemble / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     images = None
     if results and results["misclassified"]:
         rows_shown = split.test_idx[[m["row"] for m in results["misclassified"]]]
         images = ds.x[rows_shown].permute(0, 2, 3, 1).numpy()
         images = images[..., 0] if images.shape[-1] == 1 else images
-    timings = cfg.out / "timings.json"
+    timings = store.file("timings.json")
     return ReportInputs(
         study=cfg.name,
         config=resolved(cfg),
@@ -116,16 +119,23 @@ def ensemble_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Track
 
 def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
     configure_threads(1)
-    storage = search.open_storage(cfg)
+    storage, store = search.open_storage(cfg), RunStore(cfg.out)
     specs: list[MemberSpec] = []
+    unopened: list[str] = []
     for model in cfg.models:
         records = search.completed_trials(cfg, model, storage)[: cfg.ensemble.top_k]
         for r in records:
-            spec = MemberSpec(f"{model}/trial-{r.number}", model, r.number, "trial", r.value, r.dir)
-            specs += [spec, *snapshot_specs(spec, r.dir, cfg.cv.metric)]  # searched snapshots
+            name = f"{model}/trial-{r.number}"
+            try:  # each file checked against the manifest the trial recorded
+                folder = store.open_run(r.attrs.get("files"), r.dir, name)
+            except CheckpointError as e:
+                unopened.append(f"skipped member {name}: {e}")
+                continue
+            spec = MemberSpec(name, model, r.number, "trial", r.value, folder)
+            specs += [spec, *snapshot_specs(spec, folder, cfg.cv.metric)]  # searched snapshots
         if records and cfg.ensemble.snapshots > 1:  # the best configuration's snapshot run
-            cv = CrossValidator(cfg, model, ds, split, tracker)
-            folder = search.run_snapshots(cv, cfg.ensemble.snapshots)
+            cv = CrossValidator(cfg, model, ds, split, Events([FoldRuns(tracker)]))
+            snaps = search.run_snapshots(cv, tracker, cfg.ensemble.snapshots)
             best = records[0]
             owner = MemberSpec(
                 f"{model}/snapshots-of-{best.number}",
@@ -133,16 +143,16 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
                 best.number,
                 "snapshot",
                 best.value,
-                folder or best.dir,
+                snaps or best.dir,
             )
-            specs += snapshot_specs(owner, owner.dir, cfg.cv.metric) if folder else []
+            specs += snapshot_specs(owner, owner.dir, cfg.cv.metric) if snaps else []
     members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
-    for line in skipped:
+    for line in unopened + skipped:
         console.print(f"[yellow]warning:[/] {line}")
     test = HeldOut(
         ds.x[split.test_idx], ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint
     )
-    out = cfg.out / "ensemble"
+    out = store.ensemble
     results = run_ensemble(
         members,
         ds.y[split.train_idx].numpy(),

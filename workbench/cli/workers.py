@@ -16,6 +16,7 @@ from rich.live import Live
 from workbench import search
 from workbench.config import StudyConfig
 from workbench.console import console, progress_table
+from workbench.store import RunStore
 
 
 def run_workers(
@@ -34,7 +35,7 @@ def run_workers(
             "(raise `trials` in the study file, or pass --trials, to search further)"
         )
         return False
-    logs = cfg.out / "logs"
+    logs = RunStore(cfg.out).logs
     logs.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "workbench", "worker", str(file)]
     argv += ["--data", data] if data else []

@@ -18,6 +18,7 @@ import torch
 from workbench import evaluate
 from workbench.errors import CheckpointError
 from workbench.files import load_npz
+from workbench.store import RunStore
 from workbench.train import load_model, predict_proba
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Member:
 
 def load_member(spec: MemberSpec, train_rows: np.ndarray, folds: int) -> Member:
     """Read a member's OOF file and check it covers exactly the split's training rows."""
-    oof = load_npz(spec.dir / "oof.npz", what=f"out-of-fold file of {spec.name}")
+    oof = load_npz(RunStore.oof(spec.dir), what=f"out-of-fold file of {spec.name}")
     if not np.array_equal(oof["rows"], train_rows):
         raise CheckpointError(
             f"{spec.dir / 'oof.npz'} ({spec.name}) covers other rows than the study's training "
@@ -61,7 +62,7 @@ def load_member(spec: MemberSpec, train_rows: np.ndarray, folds: int) -> Member:
         )
     if not np.isfinite(oof["proba"]).all():
         raise CheckpointError(f"{spec.dir / 'oof.npz'} ({spec.name}) has missing rows")
-    ckpts = tuple(spec.dir / f"fold-{k}.pt" for k in range(folds))
+    ckpts = tuple(RunStore.checkpoint(spec.dir, k) for k in range(folds))
     missing = [p for p in ckpts if not p.exists()]
     if missing:
         raise CheckpointError(f"{spec.name}: fold checkpoint {missing[0]} is missing")
@@ -86,8 +87,8 @@ def snapshot_specs(owner: MemberSpec, folder: Path, metric: str) -> list[MemberS
     """The snapshot members in `folder` (snap-0, snap-1, ...), in cycle order; each one's score
     is its own out-of-fold score in the study's metric."""
     specs = []
-    for p in sorted(folder.glob("snap-*"), key=lambda p: int(p.name.split("-")[1])):
-        oof = load_npz(p / "oof.npz", what=f"snapshot {p}")
+    for p in RunStore.snapshot_dirs(folder):
+        oof = load_npz(RunStore.oof(p), what=f"snapshot {p}")
         score = evaluate.scores(oof["proba"], oof["y"])[metric]
         name = f"{owner.name}/snapshot-{p.name.split('-')[1]}"
         specs.append(MemberSpec(name, owner.model, owner.trial, "snapshot", score, p))

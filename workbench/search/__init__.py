@@ -21,8 +21,14 @@ the same task in every trial. A trial reports its current fold's validation metr
 `k * max_epochs + e`, and the median (or percentile) pruner compares it with other trials at the
 same step: a hopeless trial is stopped within its first fold, not after k full trainings.
 
-On disk, per completed trial: `<out>/trials/<model>/<number>/fold-<k>.pt` (k fold checkpoints) and
-`oof.npz` (rows: data indices, y, proba: out-of-fold class probabilities, every training row once).
+Interrupted trials. Ctrl-C stops a worker after the current epoch; its running trial ends FAIL
+with user attr `interrupted` and a copy with the same parameters is queued (as for a dead
+worker), so the next worker to start runs it. A retry (of a dead worker's trial or of an
+interrupted one) inherits its first try's folder, keeps the folds completed there and trains
+only the missing ones, with the seeds the first try would have used (user attr `first_try`).
+
+On disk: the run store's layout (workbench/store.py). A completed trial records its folder
+(`dir`, relative to the study's folder) and its manifest (`files`: URI, sha256 per file).
 """
 
 from optuna.storages import RDBStorage
@@ -50,7 +56,6 @@ from workbench.search.trials import (
     run_snapshots,
     run_worker,
     sample_params,
-    trial_dir,
 )
 
 __all__ = [
@@ -73,6 +78,5 @@ __all__ = [
     "sample_params",
     "storage_url",
     "study_name",
-    "trial_dir",
     "trial_rows",
 ]

@@ -40,6 +40,9 @@ def progress(cfg: StudyConfig, storage: RDBStorage) -> list[ModelProgress]:
         trials = study.get_trials(deepcopy=False)
         trials = [t for t in trials if not t.user_attrs.get("surplus")]
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
+        interrupted = sum(
+            t.state == TrialState.FAIL and "interrupted" in t.user_attrs for t in trials
+        )
         done = [t for t in trials if t.state in FINISHED and t.duration]
         best = best_trial(study)
         starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
@@ -49,7 +52,7 @@ def progress(cfg: StudyConfig, storage: RDBStorage) -> list[ModelProgress]:
                 target=cfg.trials_for(model),
                 complete=count[TrialState.COMPLETE],
                 pruned=count[TrialState.PRUNED],
-                failed=count[TrialState.FAIL],
+                failed=count[TrialState.FAIL] - interrupted,  # those are queued again
                 running=count[TrialState.RUNNING],
                 best_value=best.value if best else None,
                 best_number=best.number if best else None,

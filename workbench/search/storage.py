@@ -6,7 +6,6 @@ See workbench/search/__init__.py for how many workers share one storage.
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from workbench.config import StudyConfig, resume_key
 from workbench.errors import StorageError
+from workbench.store import RunStore
 from workbench.tracking import Tracker
 
 DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
@@ -41,7 +41,7 @@ def study_name(cfg: StudyConfig, model: str) -> str:
 
 def storage_url(cfg: StudyConfig) -> str:
     """The study file's URL, else WORKBENCH_STORAGE, else SQLite in the output folder."""
-    default = f"sqlite:///{(cfg.out / 'optuna.db').resolve()}"
+    default = f"sqlite:///{RunStore(cfg.out).file('optuna.db').resolve()}"
     return cfg.search.storage or os.environ.get("WORKBENCH_STORAGE") or default
 
 
@@ -63,7 +63,7 @@ def open_storage(cfg: StudyConfig, tracker: Tracker | None = None) -> RDBStorage
         )
     except Exception as e:  # sqlalchemy's errors, a missing driver, a refused connection
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = " (pip install psycopg2-binary)" if "psycopg2" in first else ""
+        hint = " (pip install 'psycopg[binary]')" if "psycopg" in first else ""
         shown = _without_password(url)
         raise StorageError(
             f"cannot open the Optuna storage {shown!r}: {first}{hint}. Check the URL in "
@@ -100,9 +100,10 @@ class StaleTrial:
     """Called (by the worker that notices) for a trial whose heartbeats stopped: its worker died.
 
     Queues a retry with the same parameters (Optuna's RetryHeartbeatStaleTrialCallback: a new
-    WAITING trial, `failed_trial` = the first number), deletes the half-written trial folder,
-    closes its MLflow trial run as FAILED (its fold runs are closed when the search stage ends)
-    and says so in the log.
+    WAITING trial, `failed_trial` = the first number, the user attrs copied), keeps the trial
+    folder's completed folds for that retry (or deletes the folder when the trial is out of
+    retries), closes its MLflow trial run as FAILED (its fold runs are closed when the search
+    stage ends) and says so in the log.
     """
 
     out: Path  # the study's output folder
@@ -112,8 +113,9 @@ class StaleTrial:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
         attrs = trial.user_attrs
-        if "dir" in attrs:
-            shutil.rmtree(self.out / attrs["dir"], ignore_errors=True)
+        retried = len(trial.system_attrs.get("retry_history", [])) < MAX_RETRY
+        if "dir" in attrs and not retried:
+            RunStore(self.out).discard(self.out / attrs["dir"])
         run = attrs.get("mlflow_run_id")
         if self.tracker is not None and run:
             try:
@@ -125,13 +127,19 @@ class StaleTrial:
             if "worker" in attrs
             else "its worker"
         )
-        retried = len(trial.system_attrs.get("retry_history", [])) < MAX_RETRY
         print(
             f"{study.study_name} trial {trial.number}: no heartbeat from {owner} for "
             f"{self.grace_s} s: failed; "
             + ("queued again with the same parameters" if retried else "retried enough, dropped"),
             flush=True,
         )
+
+
+def requeue(study: optuna.Study, number: int) -> None:
+    """Queue a copy of running trial `number` (same parameters, user attrs and retry history as
+    a heartbeat retry), for a trial stopped by the user rather than failed by its objective."""
+    (trial,) = (t for t in study.get_trials(deepcopy=False) if t.number == number)
+    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
 
 
 def _without_password(url: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -23,9 +22,11 @@ from workbench.config import Choice, IntRange, Param, StudyConfig
 from workbench.cv import CrossValidator, Pruned, Report, run_state
 from workbench.data import ImageData, Split
 from workbench.errors import CheckpointError, StorageError
+from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
-from workbench.search.storage import TAKEN, best_trial, open_storage, study_name
-from workbench.tracking import Tracker
+from workbench.search.storage import TAKEN, best_trial, open_storage, requeue, study_name
+from workbench.tracking import FoldRuns, Tracker
+from workbench.train import Interrupted
 
 
 def sample_params(trial: Trial, space: dict[str, Param]) -> dict[str, Any]:
@@ -65,10 +66,6 @@ def _sampler(cfg: StudyConfig, model: str, worker: int) -> optuna.samplers.BaseS
     )
 
 
-def trial_dir(cfg: StudyConfig, model: str, number: int) -> Path:
-    return cfg.out / "trials" / model / f"{number:04d}"
-
-
 class Surplus(Exception):
     """Other workers took the study's last trial first: this one ends (FAIL) before any work."""
 
@@ -84,6 +81,7 @@ class Objective:
     """Score one trial: the mean over the k folds of the study's metric."""
 
     cv: CrossValidator
+    tracker: Tracker
     worker: int = 0  # the worker's index, recorded on each trial it runs
     superseded: int | None = None  # our last trial, if another worker failed it while it ran
 
@@ -96,7 +94,7 @@ class Objective:
             raise
 
     def _run(self, trial: Trial) -> float:
-        cfg, model = self.cv.cfg, self.cv.model
+        cfg, model, store = self.cv.cfg, self.cv.model, self.cv.store
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
@@ -105,25 +103,48 @@ class Objective:
             raise Surplus(f"trial {trial.number}: the study already has its trials; nothing run")
         spec = cfg.models[model]
         hp = {**spec.params, **sample_params(trial, spec.space)}
-        out = trial_dir(cfg, model, trial.number)
-        run = self.cv.tracker.start_trial(model, trial.number, hp)
+        # a retry inherits its first try's user attrs: the same folder (kept folds), the same seeds
+        first = int(trial.user_attrs.get("first_try", trial.number))
+        out = store.trial(model, first)
+        run = self.tracker.start_trial(model, trial.number, hp)
         trial.set_user_attr("mlflow_run_id", run)
-        trial.set_user_attr("dir", str(out.relative_to(cfg.out)))  # relative: portable
+        trial.set_user_attr("first_try", first)
+        trial.set_user_attr("dir", store.relative(out))  # relative: portable
         t0 = time.perf_counter()
         try:
-            result = self.cv.run(hp, out, run, trial.number, self._reporter(trial))
+            result = self.cv.run(
+                hp, out, RunRef(model, trial.number, run), self._reporter(trial), first
+            )
             scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
             summary = {**result.summary(), "seconds": time.perf_counter() - t0}
             for key, value in {**summary, "fold_scores": scores}.items():
                 trial.set_user_attr(key, value)
+            trial.set_user_attr("folds_resumed", result.resumed)
+            manifest = store.seal(out)
+            trial.set_user_attr("files", manifest)
         except BaseException as e:
-            shutil.rmtree(out, ignore_errors=True)  # only completed trials become members
-            self.cv.tracker.end_trial(run, run_state(e), {})
+            self.tracker.end_trial(run, run_state(e), {})
+            self._after_failure(trial, e, out)
             if isinstance(e, Pruned):
                 raise optuna.TrialPruned(str(e)) from None
             raise
-        self.cv.tracker.end_trial(run, "COMPLETE", summary, oof_path=out / "oof.npz")
+        self.tracker.end_trial(run, "COMPLETE", summary, files=manifest["uri"])
         return float(np.mean(scores))
+
+    def _after_failure(self, trial: Trial, e: BaseException, out: Path) -> None:
+        """Ctrl-C: the trial goes back in the queue with its parameters, its completed folds
+        kept for the retry. Failed under us by another worker: the folder is its retry's now.
+        Otherwise (pruned, failed): only completed trials leave files."""
+        if isinstance(e, Interrupted):
+            requeue(trial.study, trial.number)
+            trial.set_user_attr("interrupted", True)  # after the copy: the retry is not
+            print(
+                f"{trial.study.study_name} trial {trial.number}: interrupted; queued again with "
+                f"the same parameters, its completed folds kept in {out}",
+                flush=True,
+            )
+        elif not isinstance(e, UpdateFinishedTrialError):
+            self.cv.store.discard(out)
 
     def _reporter(self, trial: Trial) -> Report:
         """Report each epoch at step fold * max_epochs + epoch; raise Pruned when hopeless."""
@@ -141,21 +162,25 @@ class Objective:
         return report
 
 
-def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path | None:
+def run_snapshots(
+    cv: CrossValidator, tracker: Tracker, cycles: int, claim: bool = False
+) -> Path | None:
     """A snapshot ensemble (Huang et al. 2017) of the model's best configuration: its k folds
     retrained with `cycles` cosine cycles, one snapshot member per cycle (in snap-<m>/).
 
-    Done once per study; with `claim`, a worker skips a run another worker has claimed.
+    Done once per study; with `claim`, a worker skips a run another worker has claimed. A run
+    stopped half-way resumes its completed folds, unless the best configuration changed.
     Returns the folder, or None when the model has no completed trial (or another has it).
     """
     cfg = cv.cfg
     study = optuna.load_study(study_name=study_name(cfg, cv.model), storage=open_storage(cfg))
     best = best_trial(study)
-    out = cfg.out / "snapshots" / cv.model
+    out = cv.store.snapshots(cv.model)
     if best is None:
         return None
-    done = out / "trial.json"
-    if done.exists() and json.loads(done.read_text()) == {"trial": best.number, "cycles": cycles}:
+    plan = {"trial": best.number, "cycles": cycles}
+    done, started = out / "trial.json", out / "run.json"
+    if done.exists() and json.loads(done.read_text()).get("plan") == plan:
         return out
     if claim:
         if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -165,6 +190,11 @@ def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path 
             os.close(os.open(out / ".claimed", os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return None
+    if not (started.exists() and json.loads(started.read_text()) == plan):
+        for old in out.glob("[!.]*"):  # made from an older best: start over
+            cv.store.discard(old) if old.is_dir() else old.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps(plan))
     hp = {
         **cfg.models[cv.model].params,
         **best.params,
@@ -172,17 +202,16 @@ def run_snapshots(cv: CrossValidator, cycles: int, claim: bool = False) -> Path 
         "cycles": cycles,
     }
     hp["epochs"] = max(int(hp.get("epochs", cfg.train.epochs)), cycles)  # >= 1 epoch a cycle
-    for old in out.glob("snap-*"):  # made from an older best, or half made
-        shutil.rmtree(old)
     label = f"snapshots-of-{best.number}"
-    run = cv.tracker.start_trial(cv.model, label, hp)
+    run = tracker.start_trial(cv.model, label, hp)
     try:
-        result = cv.run(hp, out, run, label)
+        result = cv.run(hp, out, RunRef(cv.model, label, run))
     except BaseException as e:
-        cv.tracker.end_trial(run, run_state(e), {})
+        tracker.end_trial(run, run_state(e), {})
         raise
-    done.write_text(json.dumps({"trial": best.number, "cycles": cycles}))
-    cv.tracker.end_trial(run, "COMPLETE", result.summary(), oof_path=out / "oof.npz")
+    manifest = cv.store.seal(out)
+    done.write_text(json.dumps({"plan": plan, "files": manifest}))
+    tracker.end_trial(run, "COMPLETE", result.summary(), files=manifest["uri"])
     return out
 
 
@@ -232,8 +261,9 @@ def run_worker(
         )
         for m in names
     }
+    events = Events([FoldRuns(tracker)])
     objectives = {
-        m: Objective(CrossValidator(cfg, m, data, split, tracker, should_stop), worker)
+        m: Objective(CrossValidator(cfg, m, data, split, events, should_stop), tracker, worker)
         for m in names
     }
     failures = dict.fromkeys(names, 0)
@@ -266,8 +296,8 @@ def run_worker(
         for model in names:
             if should_stop():
                 break
-            cv = CrossValidator(cfg, model, data, split, tracker, should_stop)
-            run_snapshots(cv, cfg.ensemble.snapshots, claim=True)
+            cv = CrossValidator(cfg, model, data, split, events, should_stop)
+            run_snapshots(cv, tracker, cfg.ensemble.snapshots, claim=True)
 
 
 def _run_one(study: optuna.Study, objective: Objective) -> FrozenTrial | None:

@@ -1,0 +1,183 @@
+"""The run store: the one module that knows where a study's files live, and checks what it reads.
+
+Layout under the study's output folder (`<output_dir>/<name>/`):
+
+    split.npz                     the held-out split (made once, checked on every run)
+    trials/<model>/<nnnn>/        one cross-validated run of an Optuna trial; nnnn is the number
+                                  of the trial's first try, so a retry resumes in the same folder
+        fold-<k>.pt               fold k's model (state dict + what rebuilds it)
+        fold-<k>.npz              fold k's result: its validation rows (`rows`), their class
+                                  probabilities (`proba`) and, with snapshots, `snap_proba`;
+                                  written last, so it marks the fold complete
+        fold-<k>.json             fold k's per-epoch history and best epoch
+        oof.npz                   the whole run: rows (data indices), y, proba, every row once
+        history.json              per fold, per epoch: train_loss, val_loss, val_accuracy, lr
+        snap-<m>/fold-<k>.pt      with cosine_restarts cycles > 1: weights at the end of cycle m,
+        snap-<m>/oof.npz          and their own out-of-fold probabilities
+    snapshots/<model>/            the best configuration's snapshot run, the same layout
+    ensemble/                     results.json, test_evaluations.json, mlflow.json, final/
+    logs/worker-<i>.log, timings.json, study.resolved.json, optuna.db (the default storage)
+
+A completed run is sealed: its manifest (the folder's URI, and the sha256 and size of every
+file) is recorded on its trial, and every later reader opens the run through `open_run`, which
+checks each file against it. Files are written once, atomically, by the stage that makes them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from workbench.errors import CheckpointError
+from workbench.files import atomic_write, file_digest, load_npz, save_npz
+
+Manifest = dict[str, Any]  # {"uri": folder URI, "files": {relative path: {"sha256", "bytes"}}}
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """A completed fold, as written beside its checkpoint."""
+
+    rows: np.ndarray  # (n_val,) positions in the training rows
+    proba: np.ndarray  # (n_val, classes)
+    snap_proba: np.ndarray  # (snapshots, n_val, classes); (0, n_val, classes) without snapshots
+    history: list[dict[str, float]]  # per epoch
+    best_epoch: int
+
+
+@dataclass(frozen=True)
+class RunStore:
+    """Paths of one study's files, and the only code that builds them."""
+
+    root: Path  # the study's output folder
+
+    # --- where things go ----------------------------------------------------------------------
+
+    def trial(self, model: str, number: int) -> Path:
+        return self.root / "trials" / model / f"{number:04d}"
+
+    def snapshots(self, model: str) -> Path:
+        return self.root / "snapshots" / model
+
+    @property
+    def ensemble(self) -> Path:
+        return self.root / "ensemble"
+
+    @property
+    def final(self) -> Path:
+        return self.ensemble / "final"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def file(self, name: str) -> Path:
+        """A study-level file: split.npz, timings.json, study.resolved.json, optuna.db."""
+        return self.root / name
+
+    def relative(self, folder: Path) -> str:
+        """A folder as the trial records it: relative to the study's folder (portable)."""
+        return str(folder.relative_to(self.root))
+
+    # --- inside a run folder ------------------------------------------------------------------
+
+    @staticmethod
+    def checkpoint(run: Path, fold: int) -> Path:
+        return run / f"fold-{fold}.pt"
+
+    @staticmethod
+    def snapshot(run: Path, m: int) -> Path:
+        return run / f"snap-{m}"
+
+    @staticmethod
+    def snapshot_dirs(run: Path) -> list[Path]:
+        """snap-0, snap-1, ... in cycle order."""
+        return sorted(run.glob("snap-*"), key=lambda p: int(p.name.split("-")[1]))
+
+    @staticmethod
+    def oof(run: Path) -> Path:
+        return run / "oof.npz"
+
+    @staticmethod
+    def history(run: Path) -> Path:
+        return run / "history.json"
+
+    def write_fold(self, run: Path, fold: int, record: FoldRecord) -> None:
+        """Record a completed fold (its checkpoint is already written): history, then the
+        probabilities, whose file marks the fold complete."""
+        meta = {"history": record.history, "best_epoch": record.best_epoch}
+        atomic_write(run / f"fold-{fold}.json", lambda f: f.write(json.dumps(meta).encode()))
+        save_npz(
+            run / f"fold-{fold}.npz",
+            rows=record.rows,
+            proba=record.proba,
+            snap_proba=record.snap_proba,
+        )
+
+    def read_fold(self, run: Path, fold: int) -> FoldRecord | None:
+        """A fold an earlier try completed, or None when it must be (re)trained: any of its
+        files missing or unreadable, or fewer snapshot checkpoints than its probabilities say."""
+        marker, meta = run / f"fold-{fold}.npz", run / f"fold-{fold}.json"
+        if not (marker.exists() and meta.exists() and self.checkpoint(run, fold).exists()):
+            return None
+        try:
+            arrays = load_npz(marker, what=f"fold {fold} result")
+            info = json.loads(meta.read_text())
+        except (CheckpointError, ValueError):
+            return None
+        snaps = arrays["snap_proba"]
+        if not all(
+            self.checkpoint(self.snapshot(run, m), fold).exists() for m in range(len(snaps))
+        ):
+            return None
+        return FoldRecord(
+            arrays["rows"], arrays["proba"], snaps, info["history"], info["best_epoch"]
+        )
+
+    def discard(self, run: Path) -> None:
+        """Remove a run that will not complete (pruned, failed, out of retries)."""
+        shutil.rmtree(run, ignore_errors=True)
+
+    # --- sealed runs --------------------------------------------------------------------------
+
+    def seal(self, run: Path) -> Manifest:
+        """The manifest of a completed run: every file under it with its sha256 and size."""
+        files = {}
+        for path in sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest, size = file_digest(path)
+            files[path.relative_to(run).as_posix()] = {"sha256": digest, "bytes": size}
+        return {"uri": run.resolve().as_uri(), "files": files}
+
+    def open_run(self, manifest: Manifest | None, run: Path, what: str) -> Path:
+        """The folder of a sealed run, each file checked against its manifest (size, sha256).
+
+        `run` is where this store keeps it; a manifest recorded by another host names a folder
+        that is not here, which is an error saying so. Runs sealed before manifests existed
+        (`manifest` None) are opened unchecked.
+        """
+        if manifest is None:
+            return run
+        if not run.exists():
+            where = unquote(urlparse(manifest["uri"]).path)
+            raise CheckpointError(
+                f"{what}: its files are at {manifest['uri']}, which is not on this host "
+                f"(looked in {run}; recorded as {where}); run the stage where the trials ran"
+            )
+        for name, want in manifest["files"].items():
+            path = run / name
+            if not path.exists():
+                raise CheckpointError(f"{what}: {path} is missing (recorded in its manifest)")
+            digest, size = file_digest(path)
+            if (digest, size) != (want["sha256"], want["bytes"]):
+                raise CheckpointError(
+                    f"{what}: {path} does not match its manifest (sha256 {digest[:12]}..., "
+                    f"{size} bytes; recorded {want['sha256'][:12]}..., {want['bytes']} bytes): "
+                    f"it changed after the run completed"
+                )
+        return run
