@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,3 +76,98 @@ def tiny_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_cfg(tiny_file: Path) -> StudyConfig:
     return load_study(tiny_file)
+
+
+# --- real servers on loopback: PostgreSQL, MLflow -------------------------------------------------
+
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Callable[[str], str]]:
+    """A private PostgreSQL server (trust auth on loopback, a temp folder, stopped at the end);
+    yields `database(name)`, which creates a database and returns its URL."""
+    if not PG_BINS:  # a failure, not a skip: CI must not pass without testing PostgreSQL
+        pytest.fail(
+            "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: install Debian's "
+            "`postgresql` package (`make system-deps` does; `make test` runs it)"
+        )
+    bin_ = PG_BINS[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="workbench-pg-"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    port, data = free_port(), root / "data"
+
+    def pg(*argv: object) -> None:
+        cmd = [*as_pg, *map(str, argv)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            pytest.fail(f"{Path(str(argv[0])).name} failed: {done.stdout}{done.stderr}")
+
+    def database(name: str) -> str:
+        pg(bin_ / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", name)
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"  # as the README spells it
+
+    started = False
+    try:
+        pg(bin_ / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "-N")
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        started = True
+        pg(bin_ / "pg_ctl", "-D", data, "-l", root / "server.log", "-o", options, "-w", "start")
+        yield database
+    finally:
+        if started:
+            subprocess.run(
+                [*as_pg, str(bin_ / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def mlflow_server(folder: Path, *args: str, backend: str | None = None) -> Iterator[str]:
+    """`mlflow server` on a free loopback port, its store (SQLite unless `backend`) and log in
+    `folder`, extra `args` (e.g. --serve-artifacts); yields its URL once /health answers (~15 s
+    here) and stops it, with its worker processes, at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--workers", "1"]
+    argv += ["--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}", *args]
+    with log.open("w") as sink:  # the server holds its own copy of the file descriptor
+        server = subprocess.Popen(
+            argv,
+            cwd=folder,
+            env={**CLI_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: uvicorn runs in a child process
+        )
+    api, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield api
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -92,6 +92,12 @@ def test_space_kinds_are_read_from_the_toml_types(tmp_path: Path) -> None:
         # empty choices, and missing name
         (GOOD.replace("[8, 16]", "[]"), r"models\.cnn\.space\.width\.choices"),
         ("[models.cnn]\n", r"name: required key is missing"),
+        # trial files kept in MLflow need MLflow
+        (
+            GOOD + '[tracking]\nenabled = false\nartifacts = "mlflow"\n',
+            r"tracking: .*artifacts = 'mlflow' keeps trial files in MLflow, but tracking\.enabled",
+        ),
+        (GOOD + '[tracking]\nartifacts = "s3"\n', r"tracking\.artifacts: .*'local' or 'mlflow'"),
     ],
 )
 def test_bad_study_files_name_the_culprit(tmp_path: Path, text: str, match: str) -> None:

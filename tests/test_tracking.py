@@ -11,12 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,21 +24,14 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-from conftest import CLI_ENV, TINY, run_cli
+from conftest import CLI_ENV, TINY, mlflow_server, run_cli
 
 import workbench
 from workbench.config import load_study
 from workbench.tracking import STATUS, Tracker, flatten
 
-BIN = Path(sys.executable).parent
 ENV = CLI_ENV
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def expected_commit() -> str:
@@ -157,54 +146,24 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
     assert first.returncode == 0, first.stdout + first.stderr
 
     # the server starts (~15 s) while the resume runs
-    port, log = free_port(), tmp / "server.log"
-    with log.open("w") as sink:  # the server holds its own copy of the file descriptor
-        server = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--backend-store-uri",
-                store,
-                # artifacts stay where the study put them (file:// under runs/mlflow/artifacts); the
-                # server reads them itself, no proxy (mlflow-artifacts:/) in between
-                "--default-artifact-root",
-                (tmp / "runs" / "mlflow" / "artifacts").as_uri(),
-                "--no-serve-artifacts",
-                "--workers",
-                "1",
-            ],
-            cwd=tmp,
-            env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: uvicorn runs in a child process
-        )
-    try:
-        again = run_cli("study", str(study_file), "--workers", "2", cwd=tmp, timeout=300)
-        assert again.returncode == 0, again.stdout + again.stderr
-        api = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    resume = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "study", str(study_file), "--workers", "2"],
+        cwd=tmp,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # artifacts stay where the study put them (file:// under runs/mlflow/artifacts); the server
+    # reads them itself, no proxy (mlflow-artifacts:/) in between
+    artifacts = (tmp / "runs" / "mlflow" / "artifacts").as_uri()
+    with mlflow_server(
+        tmp / "server", "--default-artifact-root", artifacts, "--no-serve-artifacts", backend=store
+    ) as api:
+        out, _ = resume.communicate(timeout=300)
+        again = subprocess.CompletedProcess(resume.args, resume.returncode, out, "")
+        assert again.returncode == 0, out
         yield Record(tmp, study_file, tmp / "runs" / "tiny", store, api, first, again)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.fixture(scope="module")

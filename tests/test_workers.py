@@ -15,15 +15,12 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ import numpy as np
 import optuna
 import pytest
 import sqlalchemy
-from conftest import run_cli
+from conftest import free_port, run_cli
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -428,59 +425,7 @@ def test_two_workers_never_take_the_same_queued_trial(
     assert took == {"a": True, "b": False}
 
 
-# --- a real PostgreSQL server ---------------------------------------------------------------------
-
-PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Callable[[str], str]]:
-    """A private PostgreSQL server (trust auth on loopback, a temp folder, stopped at the end);
-    yields `database(name)`, which creates a database and returns its URL."""
-    if not PG_BINS:  # a failure, not a skip: CI must not pass without testing PostgreSQL
-        pytest.fail(
-            "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: install Debian's "
-            "`postgresql` package (`make system-deps` does; `make test` runs it)"
-        )
-    bin_ = PG_BINS[-1].parent
-    root = Path(tempfile.mkdtemp(prefix="workbench-pg-"))
-    as_pg: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(root, "postgres", "postgres")
-        as_pg = ["runuser", "-u", "postgres", "--"]
-    port, data = free_port(), root / "data"
-
-    def pg(*argv: object) -> None:
-        cmd = [*as_pg, *map(str, argv)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            pytest.fail(f"{Path(str(argv[0])).name} failed: {done.stdout}{done.stderr}")
-
-    def database(name: str) -> str:
-        pg(bin_ / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", name)
-        return f"postgresql://postgres@127.0.0.1:{port}/{name}"  # as the README spells it
-
-    started = False
-    try:
-        pg(bin_ / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "-N")
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        started = True
-        pg(bin_ / "pg_ctl", "-D", data, "-l", root / "server.log", "-o", options, "-w", "start")
-        yield database
-    finally:
-        if started:
-            subprocess.run(
-                [*as_pg, str(bin_ / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                capture_output=True,
-                timeout=60,
-            )
-        shutil.rmtree(root, ignore_errors=True)
+# --- a real PostgreSQL server (the `postgres` fixture: conftest.py) ------------------------------
 
 
 def test_two_workers_share_a_postgresql_storage(

@@ -213,6 +213,18 @@ class TrackingConfig(_Frozen):
     uri: str | None = None  # MLflow tracking URI; default: MLFLOW_TRACKING_URI, else local sqlite
     experiment: str | None = None  # default: the study name
     register_as: str | None = None  # register the final ensemble under this model name
+    # where completed trials' files live: "local" (this host's output folder) or "mlflow" (the
+    # tracking server's artifact store, so that workers on many hosts share them)
+    artifacts: Literal["local", "mlflow"] = "local"
+
+    @model_validator(mode="after")
+    def _artifacts_need_tracking(self) -> TrackingConfig:
+        if self.artifacts == "mlflow" and not self.enabled:
+            raise ValueError(
+                "tracking.artifacts = 'mlflow' keeps trial files in MLflow, but tracking.enabled "
+                "is false; enable tracking or set tracking.artifacts = 'local'"
+            )
+        return self
 
 
 class StudyConfig(_Frozen):

@@ -82,9 +82,10 @@ class CrossValidator:
     split: Split
     events: Events = field(default_factory=Events)
     should_stop: Callable[[], bool] = lambda: False
+    store: RunStore | None = None  # default: the study's local store
 
     def __post_init__(self) -> None:
-        self.store = RunStore(self.cfg.out)
+        self.run_store = self.store or RunStore(self.cfg.out)
         rows = self.split.train_idx
         self.x, self.y = self.data.x[rows], self.data.y[rows]
         self.folds = cv_folds(self.y.numpy(), self.cfg.cv.folds, self.cfg.seed)
@@ -129,7 +130,7 @@ class CrossValidator:
         snap_oof: list[np.ndarray] = []  # per snapshot m, (training rows, classes)
         result = CVResult(oof, [], [])
         for k, (tr, va) in enumerate(self.folds):
-            fold = self.store.read_fold(out, k)
+            fold = self.run_store.read_fold(out, k)
             if fold is not None and np.array_equal(fold.rows, va):
                 result.resumed.append(k)
                 self.events.emit(FoldResumed(ref, k, fold.history, fold.best_epoch))
@@ -144,11 +145,11 @@ class CrossValidator:
             result.accuracy.append(fold_scores["accuracy"])
             result.log_loss.append(fold_scores["log_loss"])
             result.history.append(fold.history)
-        save_npz(self.store.oof(out), rows=self.split.train_idx, y=y, proba=oof)
+        save_npz(self.run_store.oof(out), rows=self.split.train_idx, y=y, proba=oof)
         history = json.dumps(result.history).encode()
-        atomic_write(self.store.history(out), lambda f: f.write(history))
+        atomic_write(self.run_store.history(out), lambda f: f.write(history))
         for m, p in enumerate(snap_oof):
-            path = self.store.oof(self.store.snapshot(out, m))
+            path = self.run_store.oof(self.run_store.snapshot(out, m))
             save_npz(path, rows=self.split.train_idx, y=y, proba=p)
         result.snapshots = len(snap_oof)
         return result
@@ -199,7 +200,7 @@ class CrossValidator:
                 "run": str(ref.label),
                 "fold": k,
             }
-            ckpt = save_checkpoint(self.store.checkpoint(out, k), net, meta)
+            ckpt = save_checkpoint(self.run_store.checkpoint(out, k), net, meta)
             digest, size = file_digest(ckpt)
             self.events.emit(CheckpointWritten(ref, k, ckpt.resolve().as_uri(), digest, size))
             proba = predict_proba(net, xv)
@@ -207,12 +208,12 @@ class CrossValidator:
             if len(result.snapshots) > 1:  # one cycle is the run itself: no snapshot ensemble
                 for m, state in enumerate(result.snapshots):
                     net.load_state_dict(state)
-                    path = self.store.checkpoint(self.store.snapshot(out, m), k)
+                    path = self.run_store.checkpoint(self.run_store.snapshot(out, m), k)
                     save_checkpoint(path, net, {**meta, "snapshot": m})
                     snaps.append(predict_proba(net, xv))
             snap_proba = np.stack(snaps) if snaps else np.empty((0, *proba.shape))
             record = FoldRecord(va, proba, snap_proba, result.history, result.best_epoch)
-            self.store.write_fold(out, k, record)
+            self.run_store.write_fold(out, k, record)
         except BaseException as e:
             self.events.emit(FoldEnded(ref, k, run_state(e)))
             raise

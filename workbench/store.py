@@ -21,15 +21,21 @@ Layout under the study's output folder (`<output_dir>/<name>/`):
 A completed run is sealed: its manifest (the folder's URI, and the sha256 and size of every
 file) is recorded on its trial, and every later reader opens the run through `open_run`, which
 checks each file against it. Files are written once, atomically, by the stage that makes them.
+
+Many hosts: with a `Remote` (tracking's MLflow artifact store, `tracking.artifacts = "mlflow"`),
+sealing also uploads the run, and the manifest names the upload. A host that does not have the
+folder downloads it once into `cache/<key>/`, checks every file against the manifest, and reads
+it from there; a cached copy that still matches is used as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -51,11 +57,24 @@ class FoldRecord:
     best_epoch: int
 
 
+class Remote(Protocol):
+    """Where sealed runs go beyond this host."""
+
+    def upload(self, run: Path, record: str) -> str:
+        """Copy folder `run` to the remote, beside the record `record`; return its URI."""
+        ...
+
+    def download(self, uri: str, dest: Path) -> Path:
+        """Copy the folder at `uri` into `dest`; return the local folder holding its files."""
+        ...
+
+
 @dataclass(frozen=True)
 class RunStore:
     """Paths of one study's files, and the only code that builds them."""
 
     root: Path  # the study's output folder
+    remote: Remote | None = None  # None: every run stays on the host that made it
 
     # --- where things go ----------------------------------------------------------------------
 
@@ -146,29 +165,56 @@ class RunStore:
 
     # --- sealed runs --------------------------------------------------------------------------
 
-    def seal(self, run: Path) -> Manifest:
-        """The manifest of a completed run: every file under it with its sha256 and size."""
+    def seal(self, run: Path, record: str = "") -> Manifest:
+        """The manifest of a completed run: every file under it with its sha256 and size; with a
+        remote, the run is uploaded (beside tracking record `record`) and the URI is the copy's."""
         files = {}
         for path in sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")):
             digest, size = file_digest(path)
             files[path.relative_to(run).as_posix()] = {"sha256": digest, "bytes": size}
-        return {"uri": run.resolve().as_uri(), "files": files}
+        uri = self.remote.upload(run, record) if self.remote else run.resolve().as_uri()
+        return {"uri": uri, "files": files}
 
     def open_run(self, manifest: Manifest | None, run: Path, what: str) -> Path:
         """The folder of a sealed run, each file checked against its manifest (size, sha256).
 
-        `run` is where this store keeps it; a manifest recorded by another host names a folder
-        that is not here, which is an error saying so. Runs sealed before manifests existed
-        (`manifest` None) are opened unchecked.
+        `run` is where this store keeps it; where that folder is absent (the run was made on
+        another host), a remote run is fetched into the cache, and a local one is an error
+        saying where it is. Runs sealed before manifests existed (`manifest` None) are opened
+        unchecked.
         """
         if manifest is None:
             return run
-        if not run.exists():
+        if run.exists():
+            return self._checked(manifest, run, what)
+        if manifest["uri"].startswith("file:"):
             where = unquote(urlparse(manifest["uri"]).path)
             raise CheckpointError(
                 f"{what}: its files are at {manifest['uri']}, which is not on this host "
-                f"(looked in {run}; recorded as {where}); run the stage where the trials ran"
+                f"(looked in {run}; recorded as {where}); set tracking.artifacts = 'mlflow' so "
+                f"that workers on many hosts share their files, or run the stage where they ran"
             )
+        if self.remote is None:
+            raise CheckpointError(
+                f"{what}: its files are in MLflow ({manifest['uri']}); set tracking.artifacts = "
+                f"'mlflow' (and the tracking URI) to fetch them"
+            )
+        cache = self.root / "cache" / hashlib.sha256(manifest["uri"].encode()).hexdigest()[:16]
+        if cache.exists():
+            try:
+                return self._checked(manifest, cache, what)
+            except CheckpointError:  # a stale or torn copy: fetch it again
+                shutil.rmtree(cache)
+        tmp = cache.with_name(cache.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        got = self.remote.download(manifest["uri"], tmp)
+        self._checked(manifest, got, what)
+        got.rename(cache)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return cache
+
+    @staticmethod
+    def _checked(manifest: Manifest, run: Path, what: str) -> Path:
         for name, want in manifest["files"].items():
             path = run / name
             if not path.exists():

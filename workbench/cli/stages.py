@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -49,16 +50,15 @@ def report_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker
 
 def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> ReportInputs:
     """Gather what the report shows from the storage, the trial folders and results.json."""
-    storage, store = search.open_storage(cfg), RunStore(cfg.out)
+    storage, store = search.open_storage(cfg), RunStore(cfg.out, tracker.remote())
     sections = []
     for model in cfg.models:
         rows = search.trial_rows(cfg, model, storage)
-        best = search.completed_trials(cfg, model, storage)[:3]
-        curves = {
-            r.number: json.loads(store.history(r.dir).read_text())
-            for r in best
-            if store.history(r.dir).exists()
-        }
+        curves = {}
+        for r in search.completed_trials(cfg, model, storage)[:3]:
+            with contextlib.suppress(CheckpointError):  # the report says which are missing
+                folder = store.open_run(r.attrs.get("files"), r.dir, f"{model}/trial-{r.number}")
+                curves[r.number] = json.loads(store.history(folder).read_text())
         sections.append(
             ModelSection(
                 model,
@@ -119,7 +119,7 @@ def ensemble_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Track
 
 def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
     configure_threads(1)
-    storage, store = search.open_storage(cfg), RunStore(cfg.out)
+    storage, store = search.open_storage(cfg), RunStore(cfg.out, tracker.remote())
     specs: list[MemberSpec] = []
     unopened: list[str] = []
     for model in cfg.models:
@@ -134,7 +134,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
             spec = MemberSpec(name, model, r.number, "trial", r.value, folder)
             specs += [spec, *snapshot_specs(spec, folder, cfg.cv.metric)]  # searched snapshots
         if records and cfg.ensemble.snapshots > 1:  # the best configuration's snapshot run
-            cv = CrossValidator(cfg, model, ds, split, Events([FoldRuns(tracker)]))
+            cv = CrossValidator(cfg, model, ds, split, Events([FoldRuns(tracker)]), store=store)
             snaps = search.run_snapshots(cv, tracker, cfg.ensemble.snapshots)
             best = records[0]
             owner = MemberSpec(

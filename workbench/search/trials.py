@@ -25,6 +25,7 @@ from workbench.errors import CheckpointError, StorageError
 from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
 from workbench.search.storage import TAKEN, best_trial, open_storage, requeue, study_name
+from workbench.store import RunStore
 from workbench.tracking import FoldRuns, Tracker
 from workbench.train import Interrupted
 
@@ -94,7 +95,7 @@ class Objective:
             raise
 
     def _run(self, trial: Trial) -> float:
-        cfg, model, store = self.cv.cfg, self.cv.model, self.cv.store
+        cfg, model, store = self.cv.cfg, self.cv.model, self.cv.run_store
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
@@ -120,7 +121,7 @@ class Objective:
             for key, value in {**summary, "fold_scores": scores}.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("folds_resumed", result.resumed)
-            manifest = store.seal(out)
+            manifest = store.seal(out, record=run)
             trial.set_user_attr("files", manifest)
         except BaseException as e:
             self.tracker.end_trial(run, run_state(e), {})
@@ -144,7 +145,7 @@ class Objective:
                 flush=True,
             )
         elif not isinstance(e, UpdateFinishedTrialError):
-            self.cv.store.discard(out)
+            self.cv.run_store.discard(out)
 
     def _reporter(self, trial: Trial) -> Report:
         """Report each epoch at step fold * max_epochs + epoch; raise Pruned when hopeless."""
@@ -175,7 +176,8 @@ def run_snapshots(
     cfg = cv.cfg
     study = optuna.load_study(study_name=study_name(cfg, cv.model), storage=open_storage(cfg))
     best = best_trial(study)
-    out = cv.store.snapshots(cv.model)
+    store = cv.run_store
+    out = store.snapshots(cv.model)
     if best is None:
         return None
     plan = {"trial": best.number, "cycles": cycles}
@@ -192,7 +194,7 @@ def run_snapshots(
             return None
     if not (started.exists() and json.loads(started.read_text()) == plan):
         for old in out.glob("[!.]*"):  # made from an older best: start over
-            cv.store.discard(old) if old.is_dir() else old.unlink()
+            store.discard(old) if old.is_dir() else old.unlink()
         out.mkdir(parents=True, exist_ok=True)
         started.write_text(json.dumps(plan))
     hp = {
@@ -209,7 +211,7 @@ def run_snapshots(
     except BaseException as e:
         tracker.end_trial(run, run_state(e), {})
         raise
-    manifest = cv.store.seal(out)
+    manifest = store.seal(out, record=run)
     done.write_text(json.dumps({"plan": plan, "files": manifest}))
     tracker.end_trial(run, "COMPLETE", result.summary(), files=manifest["uri"])
     return out
@@ -261,9 +263,11 @@ def run_worker(
         )
         for m in names
     }
-    events = Events([FoldRuns(tracker)])
+    events, store = Events([FoldRuns(tracker)]), RunStore(cfg.out, tracker.remote())
     objectives = {
-        m: Objective(CrossValidator(cfg, m, data, split, events, should_stop), tracker, worker)
+        m: Objective(
+            CrossValidator(cfg, m, data, split, events, should_stop, store), tracker, worker
+        )
         for m in names
     }
     failures = dict.fromkeys(names, 0)
@@ -296,7 +300,7 @@ def run_worker(
         for model in names:
             if should_stop():
                 break
-            cv = CrossValidator(cfg, model, data, split, events, should_stop)
+            cv = CrossValidator(cfg, model, data, split, events, should_stop, store)
             run_snapshots(cv, tracker, cfg.ensemble.snapshots, claim=True)
 
 

@@ -48,7 +48,11 @@ def tracking_uri(cfg: StudyConfig) -> str:
     return uri or f"sqlite:///{(Path(cfg.output_dir) / 'mlflow' / 'mlflow.db').resolve()}"
 
 
-def artifact_root(cfg: StudyConfig) -> str:
+def artifact_root(cfg: StudyConfig) -> str | None:
+    """Artifacts of the default local store go beside it; a tracking server places its own
+    (with `--serve-artifacts`, as mlflow-artifacts:/ URIs every host can reach)."""
+    if tracking_uri(cfg).startswith(("http://", "https://")):
+        return None
     return (Path(cfg.output_dir) / "mlflow" / "artifacts").resolve().as_uri()
 
 
@@ -98,6 +102,15 @@ class Tracker:
     @property
     def uri(self) -> str:
         return tracking_uri(self.cfg) if self.enabled else ""
+
+    def remote(self) -> Any:
+        """The run store's remote: MLflow's artifact store with `tracking.artifacts = "mlflow"`,
+        else None (files stay on the host that wrote them)."""
+        if not (self.enabled and self.cfg.tracking.artifacts == "mlflow"):
+            return None
+        from workbench.tracking.artifacts import MlflowArtifacts
+
+        return MlflowArtifacts(self)
 
     # --- experiment and study runs (the parent creates them before any worker starts) ----------
 
