@@ -20,6 +20,7 @@ from workbench.ensemble import (
     WeightedAverage,
     make_combiner,
 )
+from workbench.ensemble.rule import combiner_state, fitted_rule
 from workbench.errors import ConfigError
 
 # 3 members x 4 rows x 3 classes; member argmaxes: p1 [0 1 2 0], p2 [0 2 2 1], p3 [1 1 0 0]
@@ -194,6 +195,22 @@ def test_hard_voting_tie_situation():
     np.testing.assert_array_equal(HardVoting().fit(T[::-1], labels).predict(T[::-1]), [1, 2, 0])
     # vote shares are tied on every row
     np.testing.assert_allclose(HardVoting().fit(T, labels).predict_proba(T).max(axis=1), 0.5)
+
+
+@pytest.mark.parametrize("temperature", [False, True])
+def test_the_final_rule_predicts_what_the_fitted_combiner_does_ties_included(temperature):
+    """The final model keeps only numbers (vote, weights, T) and rebuilds the combiner from them:
+    on the tied rows above the rebuilt rule must pick [1, 2, 0] as HardVoting does (the argmax of
+    the vote shares alone would pick [0, 0, 0])."""
+    m1 = np.array([[0.6, 0.4, 0.0], [0.5, 0.2, 0.3], [0.6, 0.4, 0.0]])
+    m2 = np.array([[0.1, 0.9, 0.0], [0.2, 0.3, 0.5], [0.4, 0.6, 0.0]])
+    T, labels = np.stack([m1, m2]), np.array([0, 1, 0])
+    fitted = HardVoting().fit(T, labels)
+    if temperature:
+        fitted = TemperatureScaling(HardVoting()).fit(T, labels)
+    rule = fitted_rule(combiner_state(fitted), n_classes=3)
+    np.testing.assert_array_equal(rule.predict(T), [1, 2, 0])
+    np.testing.assert_allclose(rule.predict_proba(T), fitted.predict_proba(T), rtol=0, atol=0)
 
 
 def test_hard_voting_three_way_tie():

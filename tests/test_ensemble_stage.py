@@ -12,9 +12,10 @@ from workbench import evaluate, search
 from workbench.config import StudyConfig, load_study
 from workbench.cv import CrossValidator
 from workbench.data import load_data, load_or_make_split
-from workbench.ensemble.final import FinalEnsemble
 from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
 from workbench.ensemble.stage import HeldOut, run_ensemble
+from workbench.export import FinalEnsemble, save_final
+from workbench.infer import member_probas
 from workbench.tracking import Tracker
 
 
@@ -78,15 +79,17 @@ def test_stage_evaluates_the_test_split_once_and_saves_a_loadable_final_model(
     cfg, data, split = study
     members, _ = load_members(specs_of(cfg), split.train_idx, cfg.cv.folds)
     y_train = data.y[split.train_idx].numpy()
-    test = HeldOut(
-        data.x[split.test_idx],
-        data.y[split.test_idx].numpy(),
-        list(data.classes),
-        split.fingerprint,
-    )
+    test = HeldOut(data.y[split.test_idx].numpy(), list(data.classes), split.fingerprint)
+    x_test = data.x[split.test_idx]
+    looks: list[int] = []
+
+    def predict() -> np.ndarray:  # the members' test probabilities, counted
+        looks.append(1)
+        return member_probas([m.checkpoints for m in members], x_test)
+
     out = tmp_path / "ensemble"
-    results = run_ensemble(members, y_train, test, cfg.ensemble, out, 0, data.in_shape)
-    assert results["test_evaluations"] == 1 and not results["reused"]
+    results = run_ensemble(members, y_train, test, cfg.ensemble, out, 0, predict)
+    assert results["test_evaluations"] == 1 and not results["reused"] and len(looks) == 1
     assert set(results["methods"]) == {"hard_voting", "soft_voting", "weighted", "selection"}
     # the chosen method is the one with the best cross-validated OOF log loss, not test loss
     cv_loss = {n: m["oof_cv"]["log_loss"] for n, m in results["methods"].items()}
@@ -97,12 +100,15 @@ def test_stage_evaluates_the_test_split_once_and_saves_a_loadable_final_model(
     # the best single member is the best by CV score; its test metrics are recomputable
     best = max(members, key=lambda m: m.spec.cv_score)
     assert results["best_single"] == best.name
-    single = evaluate.metrics(best.predict_proba(test.x), test.y)
+    single = evaluate.metrics(member_probas([best.checkpoints], x_test)[0], test.y)
     stored = next(m for m in results["members"] if m["name"] == best.name)["test"]
     assert stored["accuracy"] == pytest.approx(single["accuracy"])
-    # the saved final model predicts exactly what the stage scored
+    # the final model saved from the stage's rule predicts exactly what the stage scored
+    kept = [(m.name, m.checkpoints) for m in members]
+    rule = results["final"]["rule"]
+    save_final(out / "final", kept, rule, results["chosen"], list(data.classes), data.in_shape)
     final = FinalEnsemble.load(out / "final")
-    proba = final.predict_proba(test.x.numpy())
+    proba = final.predict_proba(x_test.numpy())
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-9)
     assert evaluate.metrics(proba, test.y)["log_loss"] == pytest.approx(
         results["final"]["test"]["log_loss"], rel=1e-9
@@ -110,12 +116,12 @@ def test_stage_evaluates_the_test_split_once_and_saves_a_loadable_final_model(
     wrong = round((1 - results["final"]["test"]["accuracy"]) * len(test.y))
     assert len(results["misclassified"]) == wrong
     # unchanged inputs: the stored evaluation is reused and the test split is not read again
-    again = run_ensemble(members, y_train, test, cfg.ensemble, out, 0, data.in_shape)
-    assert again["reused"] and again["test_evaluations"] == 1
+    again = run_ensemble(members, y_train, test, cfg.ensemble, out, 0, predict)
+    assert again["reused"] and again["test_evaluations"] == 1 and len(looks) == 1
     assert len(json.loads((out / "test_evaluations.json").read_text())) == 1
     # different members: a new evaluation, and it is counted
-    fewer = run_ensemble(members[:2], y_train, test, cfg.ensemble, out, 0, data.in_shape)
-    assert not fewer["reused"] and fewer["test_evaluations"] == 2
+    fewer = run_ensemble(members[:2], y_train, test, cfg.ensemble, out, 0, lambda: predict()[:2])
+    assert not fewer["reused"] and fewer["test_evaluations"] == 2 and len(looks) == 2
 
 
 def test_a_corrupt_member_is_skipped_with_a_warning_naming_it(study: tuple, tmp_path: Path) -> None:

@@ -28,9 +28,12 @@ from conftest import CLI_ENV, TINY, mlflow_server, run_cli
 
 import workbench
 from workbench.config import load_study
+from workbench.events import ModelPackaged
 from workbench.tracking import STATUS, Tracker, flatten
 
 ENV = CLI_ENV
+# a packaged model that is never logged: the tracker is off, or the run fails before it
+NO_MODEL = ModelPackaged({}, "nowhere:nothing", [], [], np.zeros((1, 1, 8, 8)), np.zeros((1, 10)))
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
 
 
@@ -338,7 +341,7 @@ print(sys.modules["workbench"].__file__)
 
 def test_logged_model_predicts_like_the_final_ensemble(record: Record) -> None:
     from workbench.cli import prepare
-    from workbench.ensemble.final import FinalEnsemble
+    from workbench.export import FinalEnsemble
 
     (ens,) = (r for r in record.runs() if r.kind == "ensemble" and r.parent is None)
     _, data, split = prepare(record.study_file, None, None)
@@ -410,7 +413,7 @@ def test_disabled_tracker_makes_no_store(
         tracker.end_fold(fold, "COMPLETE", best_epoch=0, tags={"workbench.checkpoint": "x"})
         tracker.end_trial(run, "COMPLETE", {"cv_accuracy": 0.5}, files=tmp_path.as_uri())
         tracker.end_study("mlp", {"best_value": 0.5})
-        assert tracker.log_ensemble({}, tmp_path, np.zeros((1, 1, 8, 8))) == ""
+        assert tracker.log_ensemble({}, NO_MODEL) == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "on.toml"])
 
 
@@ -463,7 +466,7 @@ def test_no_run_is_left_running_by_a_dead_worker_or_a_failure(
         "methods": {"soft_voting": {"oof": {"accuracy": 0.9}}},  # no "test": the child fails
     }
     with pytest.raises(KeyError, match="test"):
-        parent.log_ensemble(results, tmp_path, np.zeros((1, 1, 8, 8), dtype=np.float32))
+        parent.log_ensemble(results, NO_MODEL)
     ensemble = client.search_runs([exp], "tags.`workbench.kind` = 'ensemble'")
     assert sorted(r.info.run_name for r in ensemble) == ["ensemble", "ensemble/soft_voting"]
     assert {r.info.status for r in ensemble} == {"FAILED"}

@@ -1,6 +1,9 @@
 """What a training run tells the rest of workbench: events, emitted by cross-validation, heard by
 whoever subscribes (tracking, a test). The emitter knows no listener: `cv` imports no tracking.
 
+The export stage tells tracking what to log as the final model with `ModelPackaged`: files and
+facts, no workbench objects, so tracking imports no ensemble or export code.
+
 A run is one configuration trained on the study's k folds (an Optuna trial or a snapshot run),
 named by `RunRef`. Per fold, in order: `FoldStarted`, one `EpochEnded` per epoch, then either
 `CheckpointWritten` and `FoldEnded("COMPLETE")`, or `FoldEnded` with the state that stopped it
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,18 @@ class FoldResumed:
     fold: int
     history: list[dict[str, float]]  # the kept fold's per-epoch metrics, as EpochEnded had them
     best_epoch: int
+
+
+@dataclass(frozen=True)
+class ModelPackaged:
+    """The final model, ready to log as a pyfunc model."""
+
+    artifacts: dict[str, str]  # name -> local path ("final": the final model's folder)
+    loader: str  # "module:attr", called with the "final" artifact's local path once loaded
+    code_paths: list[str]  # the workbench package travels with the model
+    requirements: list[str]  # pip requirements of the packaged code
+    input_example: Any  # np.ndarray (N, C, H, W) float32 in [0, 1]
+    output_example: Any  # np.ndarray (N, classes): what the model returns for it
 
 
 Event = FoldStarted | EpochEnded | CheckpointWritten | FoldEnded | FoldResumed

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from workbench import search
+from workbench import export, infer, search
 from workbench.config import StudyConfig, resolved
 from workbench.console import console, ensemble_table
 from workbench.cv import CrossValidator
@@ -149,9 +149,8 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
     for line in unopened + skipped:
         console.print(f"[yellow]warning:[/] {line}")
-    test = HeldOut(
-        ds.x[split.test_idx], ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint
-    )
+    test = HeldOut(ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint)
+    x_test = ds.x[split.test_idx]
     out = store.ensemble
     results = run_ensemble(
         members,
@@ -160,17 +159,20 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         cfg.ensemble,
         out,
         cfg.seed,
-        ds.in_shape,
+        lambda: infer.member_probas([m.checkpoints for m in members], x_test),
         cfg.cv.metric,
     )
-    if results["reused"]:
+    if results["reused"] and store.final.exists():
         console.print(
             f"ensemble inputs unchanged: reusing the stored test evaluation "
             f"({out / 'results.json'}; test evaluations so far: "
             f"{results['test_evaluations']})"
         )
     else:
-        run_id = tracker.log_ensemble(results, out / "final", test.x[:4].numpy())
+        rule = results["final"]["rule"]
+        kept = [(m.name, m.checkpoints) for m in members]
+        export.save_final(store.final, kept, rule, results["chosen"], test.classes, ds.in_shape)
+        run_id = tracker.log_ensemble(results, export.packaged(store.final, x_test[:4].numpy()))
         if run_id:  # where the loadable model is: mlflow.pyfunc.load_model(model_uri)
             link = {"run_id": run_id, "model_uri": f"runs:/{run_id}/model", "uri": tracker.uri}
             atomic_write(out / "mlflow.json", lambda f: f.write(json.dumps(link).encode()))

@@ -1,9 +1,10 @@
 """Ensemble members: completed CV runs, each k fold models plus their out-of-fold probabilities.
 
 A member's OOF probabilities cover every training row once; its test probabilities are the mean of
-its k fold models (cross-validation bagging, as AutoGluon does), so nothing is retrained and
-weights fit on OOF rows match how the member predicts. A member whose files are missing or corrupt
-is skipped with a warning naming the file, instead of failing the stage.
+its k fold models (cross-validation bagging, as AutoGluon does; workbench/infer.py computes them),
+so nothing is retrained and weights fit on OOF rows match how the member predicts. A member whose
+files are missing or corrupt is skipped with a warning naming the file, instead of failing the
+stage. No torch here: a member is arrays and the paths of its checkpoints.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from workbench import evaluate
 from workbench.errors import CheckpointError
 from workbench.files import load_npz
 from workbench.store import RunStore
-from workbench.train import load_model, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,6 @@ class Member:
     @property
     def name(self) -> str:
         return self.spec.name
-
-    def predict_proba(self, x: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:
-        """Mean of the k fold models' class probabilities (rows sum to 1)."""
-        probas = [predict_proba(load_model(p, device), x) for p in self.checkpoints]
-        return np.mean(probas, axis=0)
 
 
 def load_member(spec: MemberSpec, train_rows: np.ndarray, folds: int) -> Member:

@@ -3,9 +3,14 @@
 1. Members' OOF probabilities, shape (members, training rows, classes), are the only thing any
    combiner is fit on. Each method is also cross-validated over the OOF rows (fit on 4/5, scored
    on 1/5): that estimate, not the test set, chooses the final method.
-2. The held-out test split is read here, once: every member, every method and the best single
-   member (best CV score) are scored together. The result is stored with a fingerprint of its
-   inputs; rerunning on unchanged inputs reuses it, and every test evaluation is counted.
+2. The held-out test split is looked at here, once: every member, every method and the best
+   single member (best CV score) are scored together, on the members' test probabilities that
+   the caller's `predict` gives (member inference is workbench/infer.py; this module works on
+   arrays and imports no torch). The result is stored with a fingerprint of its inputs;
+   rerunning on unchanged inputs reuses it without calling `predict`, and every test evaluation
+   is counted.
+3. The final rule (results["final"]["rule"]: vote, weights, temperature) is what the export stage
+   packages (workbench/export.py).
 """
 
 from __future__ import annotations
@@ -13,20 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 
 from workbench import evaluate
 from workbench.config import EnsembleConfig
 from workbench.ensemble.combiners import TemperatureScaling, make_combiner
-from workbench.ensemble.final import save_final
 from workbench.ensemble.members import Member
+from workbench.ensemble.rule import combiner_state
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
 
@@ -35,8 +40,7 @@ MISCLASSIFIED_SHOWN = 64  # the report's grid of misclassified test images
 
 @dataclass(frozen=True)
 class HeldOut:
-    x: torch.Tensor  # (rows, C, H, W) in [0, 1]
-    y: np.ndarray  # (rows,)
+    y: np.ndarray  # (rows,) labels of the test split
     classes: list[str]
     split_fingerprint: str
 
@@ -76,10 +80,12 @@ def run_ensemble(
     cfg: EnsembleConfig,
     out: Path,
     seed: int,
-    in_shape: tuple[int, int, int],
+    predict: Callable[[], np.ndarray],
     metric: str = "accuracy",
 ) -> dict[str, Any]:
-    """Fit, choose, evaluate once, save the final model; returns (and stores) the results."""
+    """Fit, choose, evaluate once; returns (and stores) the results. `predict()` gives the
+    members' test probabilities (members, test rows, classes); it is called only when the
+    stored evaluation cannot be reused."""
     if not members:
         raise WorkbenchError("no completed trials to ensemble: run the search first")
     key = fingerprint(members, cfg, test)
@@ -106,7 +112,7 @@ def run_ensemble(
     if cfg.temperature:
         final = TemperatureScaling(_combiner(chosen, cfg, seed)).fit(P, y_train)
     # 2) the one look at the test split
-    P_test = np.stack([m.predict_proba(test.x) for m in members])
+    P_test = predict()
     count = _count_test_evaluation(out, key)
     results = _score(
         members, y_train, methods, fitted, chosen, final, P_test, test, cfg, seed, metric
@@ -123,7 +129,7 @@ def run_ensemble(
             "seconds": time.perf_counter() - t0,
         }
     )
-    save_final(out / "final", members, final, chosen, test.classes, in_shape)
+    results["final"]["rule"] = combiner_state(final)
     atomic_write(stored, lambda f: f.write(json.dumps(results, indent=1).encode()))
     return results
 

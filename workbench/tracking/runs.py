@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from workbench.config import StudyConfig, fingerprint, resolved
 from workbench.errors import StorageError
 
@@ -325,16 +323,14 @@ class Tracker:
 
     # --- the ensemble stage (workbench/tracking/model.py) ---------------------------------------
 
-    def log_ensemble(
-        self, results: dict[str, Any], final_dir: Path, input_example: np.ndarray
-    ) -> str:
+    def log_ensemble(self, results: dict[str, Any], model: Any) -> str:
         """An `ensemble` run (final and best-single test metrics, results.json, the loadable
-        model) with one child run per method; returns the ensemble run's id ("" when off)."""
+        model: a `ModelPackaged`) with one child run per method; its id ("" when off)."""
         if not self.enabled:
             return ""
         from workbench.tracking.model import log_ensemble
 
-        return log_ensemble(self, results, final_dir, input_example)
+        return log_ensemble(self, results, model)
 
 
 def _quote(value: str) -> str:

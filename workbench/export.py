@@ -1,53 +1,35 @@
-"""The final model: every member's fold models, the combiner's weights and temperature, in a folder.
+"""The final model, packaged: every kept member's fold models and the combiner's rule in a folder
+that loads on its own, and what tracking needs to log it as a loadable MLflow model.
 
-    final/ensemble.json          classes, input shape, members, vote (soft|hard), weights, T
+    final/ensemble.json          classes, input shape, members, the rule (ensemble/rule.py)
     final/members/<i>/fold-k.pt  member i's k fold models (state dicts; normalisation included)
 
-A fitted combiner predicts with its member weights alone: soft voting, OOF-fit weighted averaging
-and ensemble selection are all a weighted mean of member probabilities; hard voting is weighted
-vote shares; temperature scaling rescales either. So the file stores numbers, not a pickle, and
-`FinalEnsemble.predict_proba` calls the very functions the combiners use.
+The folder stores numbers and state dicts, not a pickle. `FinalEnsemble.predict_proba` runs the
+members through workbench/infer.py and combines them with the fitted combiner rebuilt from the
+rule, so what is served is what was scored on the test split, ties included.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import softmax
 
-from workbench.ensemble.combiners import EPS, HardVoting, TemperatureScaling, weighted_mean
-from workbench.ensemble.members import Member
+import workbench
+from workbench.ensemble.rule import fitted_rule
+from workbench.events import ModelPackaged
 from workbench.files import atomic_write
+from workbench.infer import fold_mean
 from workbench.models import Classifier
-from workbench.train import load_model, predict_proba
+from workbench.train import load_model
 
-
-def combiner_state(combiner: Any) -> dict[str, Any]:
-    """What a fitted combiner needs to predict: vote kind, member weights, temperature."""
-    inner = combiner.combiner_ if isinstance(combiner, TemperatureScaling) else combiner
-    return {
-        "vote": "hard" if isinstance(inner, HardVoting) else "soft",
-        "weights": [float(w) for w in combiner.weights_],
-        "temperature": getattr(combiner, "temperature_", None),
-    }
-
-
-def combine(P: np.ndarray, state: dict[str, Any]) -> np.ndarray:
-    """(members, rows, classes) -> (rows, classes), exactly as the fitted combiner predicts."""
-    w = np.asarray(state["weights"], dtype=np.float64)
-    if state["vote"] == "hard":
-        p = weighted_mean(np.eye(P.shape[2])[P.argmax(axis=2)], w)  # weighted vote shares
-    else:
-        p = weighted_mean(P, w)
-    if state["temperature"] is not None:
-        p = softmax(np.log(np.clip(p, EPS, None)) / state["temperature"], axis=1)
-    return p
+LOADER = "workbench.export:FinalEnsemble.load"  # what a packaged model calls on its folder
 
 
 @dataclass
@@ -56,9 +38,12 @@ class FinalEnsemble:
 
     members: list[list[Classifier]]  # per member, its k fold models
     names: list[str]
-    state: dict[str, Any]  # combiner_state(...)
+    state: dict[str, Any]  # the combiner's rule (workbench/ensemble/rule.py)
     classes: list[str]
     in_shape: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        self.rule = fitted_rule(self.state, len(self.classes))
 
     def member_probas(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """(members, rows, classes): each member's mean over its fold models."""
@@ -68,15 +53,13 @@ class FinalEnsemble:
                 f"images must have shape (N, {', '.join(map(str, self.in_shape))}) "
                 f"with values in [0, 1]; got {tuple(x.shape)}"
             )
-        return np.stack(
-            [np.mean([predict_proba(m, x) for m in folds], axis=0) for folds in self.members]
-        )
+        return np.stack([fold_mean(folds, x) for folds in self.members])
 
     def predict_proba(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        return combine(self.member_probas(x), self.state)
+        return np.asarray(self.rule.predict_proba(self.member_probas(x)))
 
     def predict(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        return self.predict_proba(x).argmax(axis=1)
+        return np.asarray(self.rule.predict(self.member_probas(x)))
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> FinalEnsemble:
@@ -96,21 +79,20 @@ class FinalEnsemble:
 
 def save_final(
     folder: Path,
-    members: list[Member],
-    combiner: Any,
+    members: Sequence[tuple[str, Sequence[Path]]],
+    state: dict[str, Any],
     method: str,
     classes: list[str],
     in_shape: tuple[int, int, int],
 ) -> Path:
-    """Copy the members' checkpoints with the combiner state into `folder` (replaced whole)."""
+    """Copy the members' (name, fold checkpoints) with the rule into `folder` (replaced whole)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    state = combiner_state(combiner)
     # members of weight 0 change no prediction: leave them out of the final model
     kept = [(m, w) for m, w in zip(members, state["weights"], strict=True) if w > 0]
-    state["weights"] = [w for _, w in kept]
-    for i, (m, _) in enumerate(kept):
-        for k, ckpt in enumerate(m.checkpoints):
+    state = {**state, "weights": [w for _, w in kept]}
+    for i, ((_, checkpoints), _) in enumerate(kept):
+        for k, ckpt in enumerate(checkpoints):
             dst = tmp / "members" / str(i) / f"fold-{k}.pt"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ckpt, dst)
@@ -118,8 +100,8 @@ def save_final(
         "method": method,
         "classes": classes,
         "in_shape": list(in_shape),
-        "members": [m.name for m, _ in kept],
-        "folds": len(members[0].checkpoints),
+        "members": [name for (name, _), _ in kept],
+        "folds": len(members[0][1]),
         "combiner": state,
         "input": "float32 images (N, C, H, W), values in [0, 1]",
     }
@@ -127,3 +109,25 @@ def save_final(
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def packaged(final: Path, input_example: np.ndarray) -> ModelPackaged:
+    """The final folder packaged for tracking, with an input example and its output."""
+    import torchvision
+
+    output = FinalEnsemble.load(final).predict_proba(input_example)
+    return ModelPackaged(
+        artifacts={"final": str(final)},
+        loader=LOADER,
+        code_paths=[str(Path(workbench.__file__).parent)],
+        requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",  # models.py imports it
+            "numpy",
+            "scipy",
+            "scikit-learn",
+            "pydantic",
+        ],
+        input_example=input_example,
+        output_example=output,
+    )
