@@ -5,19 +5,28 @@ are empty working directories sharing nothing but those two URLs and the study f
 Host A runs `workbench study` (the parent and one worker), host B joins with `workbench worker`,
 then host C, which ran nothing, runs `workbench ensemble`: it must find every completed trial,
 fetch their files from MLflow and write the results that host A writes for the same trials.
+And a worker killed on one host has its trial retried on another, from the folds it finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import CLI_ENV, TINY, mlflow_server, run_cli
+
+from workbench import search
+from workbench.config import load_study
+from workbench.tracking import Tracker
 
 STUDY = (
     TINY.format(out="runs")  # relative: each host writes under its own working directory
@@ -27,61 +36,66 @@ STUDY = (
 )
 
 
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` that serves artifacts from its own folder."""
+    folder = tmp_path_factory.mktemp("server")
+    with mlflow_server(folder, "--serve-artifacts", "--artifacts-destination", "artifacts") as api:
+        yield api
+
+
 def results(host: Path) -> dict:
     return json.loads((host / "runs" / "tiny" / "ensemble" / "results.json").read_text())
 
 
 def test_two_hosts_search_and_a_third_ensembles_from_the_servers_alone(
-    postgres: Callable[[str], str], tmp_path: Path
+    postgres: Callable[[str], str], tracking_server: str, tmp_path: Path
 ) -> None:
-    storage = postgres("hosts")
-    with mlflow_server(
-        tmp_path / "server", "--serve-artifacts", "--artifacts-destination", "artifacts"
-    ) as api:
-        env = {**CLI_ENV, "WORKBENCH_STORAGE": storage, "MLFLOW_TRACKING_URI": api}
-        hosts = {name: tmp_path / name for name in "abc"}
-        for host in hosts.values():
-            host.mkdir()
-            (host / "tiny.toml").write_text(STUDY)
-        a = subprocess.Popen(
-            [sys.executable, "-m", "workbench", "study", "tiny.toml", "--workers", "1"],
-            cwd=hosts["a"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while True:  # host B joins once host A's parent has created the study
-            try:
-                study = optuna.load_study(study_name="tiny/mlp", storage=storage)
-                break
-            except KeyError:
-                assert a.poll() is None and time.monotonic() < deadline, a.communicate()[0]
-                time.sleep(0.5)
-        b = run_cli("worker", "tiny.toml", "--index", "1", cwd=hosts["b"], env=env)
-        out_a, _ = a.communicate(timeout=600)
-        assert a.returncode == 0, out_a
-        assert b.returncode == 0, b.stdout + b.stderr
+    storage, api = postgres("hosts"), tracking_server
+    env = {**CLI_ENV, "WORKBENCH_STORAGE": storage, "MLFLOW_TRACKING_URI": api}
+    hosts = {name: tmp_path / name for name in "abc"}
+    for host in hosts.values():
+        host.mkdir()
+        (host / "tiny.toml").write_text(STUDY)
+    a = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "study", "tiny.toml", "--workers", "1"],
+        cwd=hosts["a"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:  # host B joins once host A's parent has created the study
+        try:
+            study = optuna.load_study(study_name="tiny/mlp", storage=storage)
+            break
+        except KeyError:
+            assert a.poll() is None and time.monotonic() < deadline, a.communicate()[0]
+            time.sleep(0.5)
+    b = run_cli("worker", "tiny.toml", "--index", "1", cwd=hosts["b"], env=env)
+    out_a, _ = a.communicate(timeout=600)
+    assert a.returncode == 0, out_a
+    assert b.returncode == 0, b.stdout + b.stderr
 
-        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        assert {t.user_attrs["worker"] for t in complete} == {0, 1}  # both hosts ran trials
-        for t in complete:  # each trial's files were uploaded once, to its own MLflow run
-            assert t.user_attrs["files"]["uri"].startswith("mlflow-artifacts:/")
-            assert t.user_attrs["mlflow_run_id"] in t.user_attrs["files"]["uri"]
-        on_b = {t.number for t in complete if t.user_attrs["worker"] == 1}
-        trials_a = hosts["a"] / "runs" / "tiny" / "trials" / "mlp"
-        assert not {int(p.name) for p in trials_a.iterdir()} & on_b  # A never had B's folders
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert {t.user_attrs["worker"] for t in complete} == {0, 1}  # both hosts ran trials
+    for t in complete:  # each trial's files went to MLflow, in the run store's layout
+        uri = t.user_attrs["files"]["uri"]
+        assert uri.startswith("mlflow-artifacts:/") and uri.endswith(f"/{t.user_attrs['dir']}")
+    on_b = {t.number for t in complete if t.user_attrs["worker"] == 1}
+    trials_a = hosts["a"] / "runs" / "tiny" / "trials" / "mlp"
+    assert not {int(p.name) for p in trials_a.iterdir()} & on_b  # A never had B's folders
 
-        c = run_cli("ensemble", "tiny.toml", cwd=hosts["c"], env=env)
-        assert c.returncode == 0, c.stdout + c.stderr
-        assert "skipped member" not in c.stdout
-        assert not (hosts["c"] / "runs" / "tiny" / "trials").exists()  # it trained nothing
-        fetched = [p for p in (hosts["c"] / "runs" / "tiny" / "cache").iterdir() if p.is_dir()]
-        assert len(fetched) == len(results(hosts["c"])["members"])  # one copy per member
-        # host A's own ensemble, now that B's last trial is done too (a rerun: same command)
-        again = run_cli("ensemble", "tiny.toml", cwd=hosts["a"], env=env)
-        assert again.returncode == 0, again.stdout + again.stderr
+    c = run_cli("ensemble", "tiny.toml", cwd=hosts["c"], env=env)
+    assert c.returncode == 0, c.stdout + c.stderr
+    assert "skipped member" not in c.stdout
+    assert not (hosts["c"] / "runs" / "tiny" / "trials").exists()  # it trained nothing
+    fetched = [p for p in (hosts["c"] / "runs" / "tiny" / "cache").iterdir() if p.is_dir()]
+    assert len(fetched) == len(results(hosts["c"])["members"])  # one copy per member
+    # host A's own ensemble, now that B's last trial is done too (a rerun: same command)
+    again = run_cli("ensemble", "tiny.toml", cwd=hosts["a"], env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
 
     got, want = results(hosts["c"]), results(hosts["a"])
     best6 = sorted(complete, key=lambda t: t.value or 0.0, reverse=True)[:6]
@@ -93,3 +107,80 @@ def test_two_hosts_search_and_a_third_ensembles_from_the_servers_alone(
         assert got["methods"][name]["weights"] == method["weights"]
         assert got["methods"][name]["test"] == method["test"]
     assert got["final"]["test"] == want["final"]["test"] and got["chosen"] == want["chosen"]
+
+
+KILLED = (
+    TINY.format(out="runs")
+    .replace('name = "tiny"', 'name = "killed"')  # its own MLflow experiment on the shared server
+    .replace("folds = 3", "folds = 5")
+    .replace("epochs = 2", "epochs = 6")
+    .replace("trials = 3", 'trials = 1\nheartbeat = 1\npruner = "none"')
+    .replace("[tracking]\nenabled = false", '[tracking]\nenabled = true\nartifacts = "mlflow"')
+)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_trial_killed_on_one_host_resumes_on_another_from_the_folds_it_finished(
+    postgres: Callable[[str], str],
+    tracking_server: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage, api = postgres("killed"), tracking_server
+    env = {**CLI_ENV, "WORKBENCH_STORAGE": storage, "MLFLOW_TRACKING_URI": api}
+    hosts = {name: tmp_path / name for name in "ab"}
+    for host in hosts.values():
+        host.mkdir()
+        (host / "killed.toml").write_text(KILLED)
+    # the parent's part, here in-process: the Optuna study and the MLflow study run
+    monkeypatch.setenv("WORKBENCH_STORAGE", storage)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", api)
+    cfg = load_study(hosts["a"] / "killed.toml")
+    study = search.create_studies(cfg, search.open_storage(cfg))["mlp"]
+    Tracker(cfg).study_run("mlp", create=True)
+
+    # host B trains the one trial; it is frozen as its fourth fold starts, then killed
+    on_b = hosts["b"] / "runs" / "killed" / "trials" / "mlp" / "0000"
+    with (hosts["b"] / "worker.log").open("w") as log:
+        b = subprocess.Popen(
+            [sys.executable, "-m", "workbench", "worker", "killed.toml", "--index", "1"],
+            cwd=hosts["b"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while not (on_b / "fold-2.npz").exists():
+            assert b.poll() is None, (hosts["b"] / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "host B never finished its third fold"
+            time.sleep(0.02)
+        os.kill(b.pid, signal.SIGSTOP)
+        assert not (on_b / "fold-3.npz").exists()
+        digests = {k: sha256(on_b / f"fold-{k}.pt") for k in range(3)}
+        os.kill(b.pid, signal.SIGKILL)
+        assert b.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if b.poll() is None:
+            b.kill()
+
+    # host A, which never saw B's folder: its worker fails the stale trial and runs the retry
+    a = run_cli("worker", "killed.toml", "--index", "0", cwd=hosts["a"], env=env)
+    assert a.returncode == 0, a.stdout + a.stderr
+    dead, retry = study.get_trials()
+    assert dead.state == optuna.trial.TrialState.FAIL and dead.user_attrs["worker"] == 1
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["worker"] == 0
+    assert retry.params == dead.params
+    assert retry.user_attrs["folds_resumed"] == [0, 1, 2]  # fetched from MLflow
+    stride = cfg.train.epochs  # pruning steps are fold * epochs + epoch
+    assert {step // stride for step in retry.intermediate_values} == {3, 4}  # trained: 4 and 5
+    on_a = hosts["a"] / "runs" / "killed" / "trials" / "mlp" / "0000"
+    for k in range(3):  # byte for byte what host B trained
+        assert sha256(on_a / f"fold-{k}.pt") == digests[k]
+    manifest = retry.user_attrs["files"]
+    assert manifest["uri"].startswith("mlflow-artifacts:/")
+    assert {f"fold-{k}.pt" for k in range(5)} <= set(manifest["files"])

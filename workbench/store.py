@@ -23,9 +23,12 @@ file) is recorded on its trial, and every later reader opens the run through `op
 checks each file against it. Files are written once, atomically, by the stage that makes them.
 
 Many hosts: with a `Remote` (tracking's MLflow artifact store, `tracking.artifacts = "mlflow"`),
-sealing also uploads the run, and the manifest names the upload. A host that does not have the
-folder downloads it once into `cache/<key>/`, checks every file against the manifest, and reads
-it from there; a cached copy that still matches is used as it is.
+the remote mirrors this layout. Each file is uploaded once, when it is complete: a fold's files
+when the fold ends (its record last), the run's own files when it is sealed; the manifest names
+the remote folder. A retry on another host first pulls the folds its earlier tries finished
+(`pull`). A host that does not have a sealed run downloads it once into `cache/<key>/`, checks
+every file against the manifest, and reads it from there; a cached copy that still matches is
+used as it is.
 """
 
 from __future__ import annotations
@@ -58,14 +61,18 @@ class FoldRecord:
 
 
 class Remote(Protocol):
-    """Where sealed runs go beyond this host."""
+    """A copy of the store's layout beyond this host; keys are paths relative to the store."""
 
-    def upload(self, run: Path, record: str) -> str:
-        """Copy folder `run` to the remote, beside the record `record`; return its URI."""
+    def put(self, key: str, path: Path) -> None:
+        """Upload file `path` as `key` (e.g. trials/cnn/0003/fold-0.pt)."""
         ...
 
-    def download(self, uri: str, dest: Path) -> Path:
-        """Copy the folder at `uri` into `dest`; return the local folder holding its files."""
+    def uri(self, key: str) -> str:
+        """The URI of folder `key` on the remote."""
+        ...
+
+    def get(self, uri: str, dest: Path) -> Path | None:
+        """Download the folder at `uri` into `dest`; the local folder, or None if it is empty."""
         ...
 
 
@@ -102,7 +109,7 @@ class RunStore:
 
     def relative(self, folder: Path) -> str:
         """A folder as the trial records it: relative to the study's folder (portable)."""
-        return str(folder.relative_to(self.root))
+        return folder.relative_to(self.root).as_posix()
 
     # --- inside a run folder ------------------------------------------------------------------
 
@@ -128,8 +135,9 @@ class RunStore:
         return run / "history.json"
 
     def write_fold(self, run: Path, fold: int, record: FoldRecord) -> None:
-        """Record a completed fold (its checkpoint is already written): history, then the
-        probabilities, whose file marks the fold complete."""
+        """Record a completed fold (its checkpoints are already written): history, then the
+        probabilities, whose file marks the fold complete; with a remote, upload the fold's
+        files in that order."""
         meta = {"history": record.history, "best_epoch": record.best_epoch}
         atomic_write(run / f"fold-{fold}.json", lambda f: f.write(json.dumps(meta).encode()))
         save_npz(
@@ -138,6 +146,35 @@ class RunStore:
             proba=record.proba,
             snap_proba=record.snap_proba,
         )
+        snaps = [
+            self.checkpoint(self.snapshot(run, m), fold) for m in range(len(record.snap_proba))
+        ]
+        self._push([self.checkpoint(run, fold), *snaps, run / f"fold-{fold}.json"])
+        self._push([run / f"fold-{fold}.npz"])
+
+    def pull(self, run: Path) -> list[str]:
+        """Fetch from the remote the files of `run` that this host lacks (the folds an earlier
+        try finished elsewhere); returns their names. Local files are kept as they are."""
+        if self.remote is None:
+            return []
+        tmp = run.with_name(run.name + ".pull")
+        shutil.rmtree(tmp, ignore_errors=True)
+        got = self.remote.get(self.remote.uri(self.relative(run)), tmp)
+        fetched = []
+        if got is not None:
+            for path in sorted(p for p in got.rglob("*") if p.is_file()):
+                dst = run / path.relative_to(got)
+                if not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(path, dst)
+                    fetched.append(dst.relative_to(run).as_posix())
+        shutil.rmtree(tmp, ignore_errors=True)
+        return fetched
+
+    def _push(self, paths: list[Path]) -> None:
+        if self.remote is not None:
+            for path in paths:
+                self.remote.put(self.relative(path), path)
 
     def read_fold(self, run: Path, fold: int) -> FoldRecord | None:
         """A fold an earlier try completed, or None when it must be (re)trained: any of its
@@ -165,15 +202,19 @@ class RunStore:
 
     # --- sealed runs --------------------------------------------------------------------------
 
-    def seal(self, run: Path, record: str = "") -> Manifest:
-        """The manifest of a completed run: every file under it with its sha256 and size; with a
-        remote, the run is uploaded (beside tracking record `record`) and the URI is the copy's."""
+    def seal(self, run: Path) -> Manifest:
+        """The manifest of a completed run: every file under it with its sha256 and size. With
+        a remote, the run's own files are uploaded now (its folds' were, as each ended) and the
+        URI is the remote folder's."""
+        paths = sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith("."))
         files = {}
-        for path in sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in paths:
             digest, size = file_digest(path)
             files[path.relative_to(run).as_posix()] = {"sha256": digest, "bytes": size}
-        uri = self.remote.upload(run, record) if self.remote else run.resolve().as_uri()
-        return {"uri": uri, "files": files}
+        if self.remote is None:
+            return {"uri": run.resolve().as_uri(), "files": files}
+        self._push([p for p in paths if not p.name.startswith("fold-")])
+        return {"uri": self.remote.uri(self.relative(run)), "files": files}
 
     def open_run(self, manifest: Manifest | None, run: Path, what: str) -> Path:
         """The folder of a sealed run, each file checked against its manifest (size, sha256).
@@ -207,7 +248,9 @@ class RunStore:
                 shutil.rmtree(cache)
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        got = self.remote.download(manifest["uri"], tmp)
+        got = self.remote.get(manifest["uri"], tmp)
+        if got is None:
+            raise CheckpointError(f"{what}: nothing at {manifest['uri']}")
         self._checked(manifest, got, what)
         got.rename(cache)
         shutil.rmtree(tmp, ignore_errors=True)

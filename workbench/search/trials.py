@@ -111,6 +111,8 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run)
         trial.set_user_attr("first_try", first)
         trial.set_user_attr("dir", store.relative(out))  # relative: portable
+        if first != trial.number:  # a retry: the folds its earlier tries finished, from any host
+            store.pull(out)
         t0 = time.perf_counter()
         try:
             result = self.cv.run(
@@ -121,7 +123,7 @@ class Objective:
             for key, value in {**summary, "fold_scores": scores}.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("folds_resumed", result.resumed)
-            manifest = store.seal(out, record=run)
+            manifest = store.seal(out)
             trial.set_user_attr("files", manifest)
         except BaseException as e:
             self.tracker.end_trial(run, run_state(e), {})
@@ -211,7 +213,7 @@ def run_snapshots(
     except BaseException as e:
         tracker.end_trial(run, run_state(e), {})
         raise
-    manifest = store.seal(out, record=run)
+    manifest = store.seal(out)
     done.write_text(json.dumps({"plan": plan, "files": manifest}))
     tracker.end_trial(run, "COMPLETE", result.summary(), files=manifest["uri"])
     return out
