@@ -23,6 +23,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import CLI_ENV, TINY, mlflow_server, run_cli
+from mlflow import MlflowClient
 
 from workbench import search
 from workbench.config import load_study
@@ -140,7 +141,11 @@ def test_a_trial_killed_on_one_host_resumes_on_another_from_the_folds_it_finishe
     monkeypatch.setenv("MLFLOW_TRACKING_URI", api)
     cfg = load_study(hosts["a"] / "killed.toml")
     study = search.create_studies(cfg, search.open_storage(cfg))["mlp"]
-    Tracker(cfg).study_run("mlp", create=True)
+    study_run = Tracker(cfg).study_run("mlp", create=True)
+    client = MlflowClient(api)
+
+    def uploaded() -> set[str]:  # what host B has sent of the trial's folder so far
+        return {Path(f.path).name for f in client.list_artifacts(study_run, "trials/mlp/0000")}
 
     # host B trains the one trial; it is frozen as its fourth fold starts, then killed
     on_b = hosts["b"] / "runs" / "killed" / "trials" / "mlp" / "0000"
@@ -155,11 +160,11 @@ def test_a_trial_killed_on_one_host_resumes_on_another_from_the_folds_it_finishe
         )
     try:
         deadline = time.monotonic() + 180
-        while not (on_b / "fold-2.npz").exists():
+        while not (on_b / "fold-2.npz").exists() or "fold-2.npz" not in uploaded():
             assert b.poll() is None, (hosts["b"] / "worker.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "host B never finished its third fold"
             time.sleep(0.02)
-        os.kill(b.pid, signal.SIGSTOP)
+        os.kill(b.pid, signal.SIGSTOP)  # its third fold is in MLflow (uploads run beside it)
         assert not (on_b / "fold-3.npz").exists()
         digests = {k: sha256(on_b / f"fold-{k}.pt") for k in range(3)}
         os.kill(b.pid, signal.SIGKILL)

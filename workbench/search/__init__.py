@@ -41,6 +41,7 @@ from workbench.search.results import (
     progress,
     trial_rows,
 )
+from workbench.search.snapshots import run_snapshots
 from workbench.search.storage import (
     DIRECTIONS,
     FINISHED,
@@ -51,12 +52,7 @@ from workbench.search.storage import (
     storage_url,
     study_name,
 )
-from workbench.search.trials import (
-    Objective,
-    run_snapshots,
-    run_worker,
-    sample_params,
-)
+from workbench.search.trials import Objective, run_worker, sample_params
 
 __all__ = [
     "DIRECTIONS",

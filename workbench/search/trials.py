@@ -4,7 +4,6 @@ snapshot runs. See workbench/search/__init__.py for pruning and what a worker do
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -24,7 +23,8 @@ from workbench.data import ImageData, Split
 from workbench.errors import CheckpointError, StorageError
 from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
-from workbench.search.storage import TAKEN, best_trial, open_storage, requeue, study_name
+from workbench.search.snapshots import run_snapshots
+from workbench.search.storage import TAKEN, open_storage, requeue, study_name
 from workbench.store import RunStore
 from workbench.tracking import FoldRuns, Tracker
 from workbench.train import Interrupted
@@ -165,60 +165,6 @@ class Objective:
         return report
 
 
-def run_snapshots(
-    cv: CrossValidator, tracker: Tracker, cycles: int, claim: bool = False
-) -> Path | None:
-    """A snapshot ensemble (Huang et al. 2017) of the model's best configuration: its k folds
-    retrained with `cycles` cosine cycles, one snapshot member per cycle (in snap-<m>/).
-
-    Done once per study; with `claim`, a worker skips a run another worker has claimed. A run
-    stopped half-way resumes its completed folds, unless the best configuration changed.
-    Returns the folder, or None when the model has no completed trial (or another has it).
-    """
-    cfg = cv.cfg
-    study = optuna.load_study(study_name=study_name(cfg, cv.model), storage=open_storage(cfg))
-    best = best_trial(study)
-    store = cv.run_store
-    out = store.snapshots(cv.model)
-    if best is None:
-        return None
-    plan = {"trial": best.number, "cycles": cycles}
-    done, started = out / "trial.json", out / "run.json"
-    if done.exists() and json.loads(done.read_text()).get("plan") == plan:
-        return out
-    if claim:
-        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            return None  # the best may still change: the parent runs it after the search
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(out / ".claimed", os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return None
-    if not (started.exists() and json.loads(started.read_text()) == plan):
-        for old in out.glob("[!.]*"):  # made from an older best: start over
-            store.discard(old) if old.is_dir() else old.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        started.write_text(json.dumps(plan))
-    hp = {
-        **cfg.models[cv.model].params,
-        **best.params,
-        "schedule": "cosine_restarts",
-        "cycles": cycles,
-    }
-    hp["epochs"] = max(int(hp.get("epochs", cfg.train.epochs)), cycles)  # >= 1 epoch a cycle
-    label = f"snapshots-of-{best.number}"
-    run = tracker.start_trial(cv.model, label, hp)
-    try:
-        result = cv.run(hp, out, RunRef(cv.model, label, run))
-    except BaseException as e:
-        tracker.end_trial(run, run_state(e), {})
-        raise
-    manifest = store.seal(out)
-    done.write_text(json.dumps({"plan": plan, "files": manifest}))
-    tracker.end_trial(run, "COMPLETE", result.summary(), files=manifest["uri"])
-    return out
-
-
 def _has_work(study: optuna.Study, target: int) -> bool:
     """A queued trial (a retry, an enqueued one), or fewer than `target` trials taken."""
     trials = study.get_trials(deepcopy=False, states=TAKEN)
@@ -254,6 +200,21 @@ def run_worker(
     recorded and do not count; more than three in a row of one model stops the worker, since
     something is wrong beyond one trial.
     """
+    try:
+        _work(cfg, data, split, tracker, worker, models, should_stop)
+    finally:  # the MLflow calls still queued (fold runs, uploads) are made before we return
+        tracker.flush()
+
+
+def _work(
+    cfg: StudyConfig,
+    data: ImageData,
+    split: Split,
+    tracker: Tracker,
+    worker: int,
+    models: list[str] | None,
+    should_stop: Callable[[], bool],
+) -> None:
     storage = open_storage(cfg, tracker)
     names = models or list(cfg.models)
     studies = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from workbench.tracking.runs import Tracker
+from workbench.tracking.runs import WRITER, Tracker
 
 
 @dataclass
@@ -24,10 +24,19 @@ class MlflowArtifacts:
         return self.tracker.study_run(model), key
 
     def put(self, key: str, path: Path) -> None:
-        run, where = self._place(key)
-        self.tracker.client.log_artifact(run, str(path), str(PurePosixPath(where).parent))
+        """Queued on the tracking thread: the upload runs beside training, in order (a fold's
+        record after its checkpoints). The file is complete and never rewritten."""
+
+        def upload() -> None:
+            run, where = self._place(key)
+            self.tracker.client.log_artifact(run, str(path), str(PurePosixPath(where).parent))
+
+        WRITER.defer(upload)
 
     def uri(self, key: str) -> str:
+        return WRITER.call(lambda: self._uri(key))
+
+    def _uri(self, key: str) -> str:
         run, where = self._place(key)
         if run not in self._roots:
             self._roots[run] = self.tracker.client.get_run(run).info.artifact_uri.rstrip("/")
@@ -36,6 +45,7 @@ class MlflowArtifacts:
     def get(self, uri: str, dest: Path) -> Path | None:
         from mlflow.artifacts import download_artifacts, list_artifacts
 
+        WRITER.flush()  # this host's own uploads first
         if not list_artifacts(artifact_uri=uri, tracking_uri=self.tracker.uri):
             return None
         dest.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from workbench.events import (
     FoldResumed,
     FoldStarted,
 )
-from workbench.tracking.runs import Tracker
+from workbench.tracking.runs import WRITER, Tracker
 
 
 @dataclass
@@ -29,8 +29,12 @@ class FoldRuns:
     _tags: dict[str, dict[str, str]] = field(default_factory=dict)  # fold run -> tags at its end
 
     def __call__(self, event: Event) -> None:
-        if not (self.tracker.enabled and event.run.record):
-            return
+        """Queue the event's MLflow calls on the tracking thread (writer.py): off the training
+        path, in order, and every fold-run id used only on that thread."""
+        if self.tracker.enabled and event.run.record:
+            WRITER.defer(lambda: self._handle(event))
+
+    def _handle(self, event: Event) -> None:
         key = (event.run.record, event.fold)
         if isinstance(event, FoldStarted | FoldResumed):
             run = event.run

@@ -5,7 +5,10 @@ runs, nested `<model>/trial-<n>/fold-<k>` runs, and `ensemble` runs. Tags make t
 (`workbench.kind`, `workbench.model`, `optuna.trial_number`, `optuna.state`). Runs are addressed by
 id through `MlflowClient` (no fluent active-run stack), so many worker processes can write at once.
 Per-epoch metrics are buffered and sent in one `log_batch` per fold (`log_metric` costs 6-9 ms a
-call here; a batch of 1,000 values ~0.1 s). With tracking disabled every method is a no-op.
+call here; a batch of 1,000 values ~0.1 s). The calls of the training path (fold runs, a trial's
+params and end, uploads) run on a background thread (writer.py), in order; the other methods
+first wait for it, so what they read includes every write queued before. With tracking disabled
+every method is a no-op.
 
 No run is left RUNNING by a failure we can see: a fold or trial run is ended (FAILED) even when
 logging its artifact fails, a trial ends the fold runs it left open, and when the search stage
@@ -19,13 +22,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from workbench.config import StudyConfig, fingerprint, resolved
 from workbench.errors import StorageError
+from workbench.tracking.settings import artifact_root, flatten, git_commit, tracking_uri
+from workbench.tracking.writer import Writer
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -35,49 +38,7 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
 BATCH_PARAMS = 100  # MLflow's limits per log_batch call: 100 params or tags, 1,000 metrics
 BATCH_METRICS = 1000
-
-
-def tracking_uri(cfg: StudyConfig) -> str:
-    """The study file's URI, else MLFLOW_TRACKING_URI, else SQLite under the output folder.
-
-    Always explicit: MLflow's own default falls back to a `./mlruns` file store, which now raises.
-    """
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{(Path(cfg.output_dir) / 'mlflow' / 'mlflow.db').resolve()}"
-
-
-def artifact_root(cfg: StudyConfig) -> str | None:
-    """Artifacts of the default local store go beside it; a tracking server places its own
-    (with `--serve-artifacts`, as mlflow-artifacts:/ URIs every host can reach)."""
-    if tracking_uri(cfg).startswith(("http://", "https://")):
-        return None
-    return (Path(cfg.output_dir) / "mlflow" / "artifacts").resolve().as_uri()
-
-
-def git_commit() -> str:
-    """The commit of workbench's own source (not of the current folder: studies run anywhere)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"}: the resolved config as MLflow params."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
+WRITER = Writer()  # one per process, shared by its trackers: a flush waits for all of them
 
 
 class Tracker:
@@ -96,10 +57,15 @@ class Tracker:
             from mlflow import MlflowClient
 
             self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+            WRITER.background = self.uri.startswith(("http://", "https://"))
 
     @property
     def uri(self) -> str:
         return tracking_uri(self.cfg) if self.enabled else ""
+
+    def flush(self) -> None:
+        """Wait until every queued MLflow call of this process has been made."""
+        WRITER.flush()
 
     def remote(self) -> Any:
         """The run store's remote: MLflow's artifact store with `tracking.artifacts = "mlflow"`,
@@ -141,6 +107,7 @@ class Tracker:
         return {**tags, **{k: str(v) for k, v in extra.items()}}
 
     def find_runs(self, filter_string: str) -> list[Any]:
+        WRITER.flush()
         return list(
             self.client.search_runs([self.experiment_id()], filter_string, max_results=5000)
         )
@@ -154,6 +121,7 @@ class Tracker:
         """The one `study:<model>` run; a resumed study reuses it (and marks it RUNNING again)."""
         if not self.enabled:
             return ""
+        WRITER.flush()
         if model not in self._study_runs:
             found = self.find_runs(f"tags.`workbench.kind` = 'study' and {self._ours(model)}")
             if found:
@@ -182,6 +150,7 @@ class Tracker:
         summary values that changed (a resume that ran nothing adds nothing), end the study run."""
         if not self.enabled:
             return
+        WRITER.flush()
         run_id = self.study_run(model)
         orphans = self.find_runs(
             f"attributes.status = 'RUNNING' and tags.`workbench.kind` != 'study' and "
@@ -208,9 +177,18 @@ class Tracker:
         return f"{model}/trial-{label}" if isinstance(label, int) else f"{model}/{label}"
 
     def start_trial(self, model: str, label: int | str, params: dict[str, Any]) -> str:
+        """Create the trial (or snapshot) run and return its id; its params follow in the
+        background."""
         if not self.enabled:
             return ""
         from mlflow.entities import Param
+
+        run_id = WRITER.call(lambda: self._create_trial_run(model, label))
+        batch = [Param(k, str(v)) for k, v in params.items()]
+        WRITER.defer(lambda: self._log_params(run_id, batch))
+        return run_id
+
+    def _create_trial_run(self, model: str, label: int | str) -> str:
 
         # an Optuna trial is a `trial` run; a snapshot run (string label) has no Optuna trial
         extra = (
@@ -231,7 +209,6 @@ class Tracker:
                 },
             ),
         )
-        self._log_params(run.info.run_id, [Param(k, str(v)) for k, v in params.items()])
         return str(run.info.run_id)
 
     def start_fold(self, trial_run: str, model: str, label: int | str, fold: int) -> str:
@@ -279,10 +256,15 @@ class Tracker:
     def end_trial(
         self, run_id: str, state: str, summary: dict[str, float], files: str | None = None
     ) -> None:
-        """End a trial (or snapshot) run; `files` is the run store's URI of its sealed folder
-        (tagged `workbench.files`: the files stay where the store wrote them, written once)."""
-        if not self.enabled:
-            return
+        """End a trial (or snapshot) run, in the background; `files` is the run store's URI of
+        its sealed folder (tagged `workbench.files`: the files stay where the store wrote
+        them, written once)."""
+        if self.enabled:
+            WRITER.defer(lambda: self._end_trial(run_id, state, summary, files))
+
+    def _end_trial(
+        self, run_id: str, state: str, summary: dict[str, float], files: str | None
+    ) -> None:
         # a fold run still open ended with its trial (e.g. saving its checkpoint failed)
         for fold_run in self._open_folds.pop(run_id, []):
             self.end_fold(fold_run, "FAIL" if state == "COMPLETE" else state)
@@ -316,6 +298,7 @@ class Tracker:
     def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
+        WRITER.flush()
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in values.items()]
         if batch:
@@ -330,6 +313,7 @@ class Tracker:
             return ""
         from workbench.tracking.model import log_ensemble
 
+        WRITER.flush()
         return log_ensemble(self, results, model)
 
 
