@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -41,7 +42,6 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
 def check_report_matches_the_stored_results(report: Path, study: optuna.Study, out: Path) -> None:
     """The report written by `study` shows the Optuna storage's numbers and the stored results."""
     import html
-    import json
 
     text = html.unescape(report.read_text())
     assert "<title>tiny · workbench report</title>" in text
@@ -53,3 +53,28 @@ def check_report_matches_the_stored_results(report: Path, study: optuna.Study, o
     for name, method in results["methods"].items():
         assert f"{method['test']['log_loss']:.4f}" in text, f"{name}'s test log loss is not shown"
     assert f"{results['final']['test']['log_loss']:.4f}" in text
+
+
+def test_the_snapshot_run_is_run_once_by_the_workers_and_ensembled(
+    tiny_file: Path, tmp_path: Path
+) -> None:
+    """Two workers, snapshots on: whichever sees the search finished first queues the snapshot
+    run of the best trial, one of them runs it (a second queued copy ends as a surplus), and
+    the ensemble stage uses its two members without training anything itself."""
+    tiny_file.write_text(tiny_file.read_text() + "[ensemble]\nsnapshots = 2\n")
+    first = run_cli("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    storage = f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'optuna.db'}"
+    best = optuna.load_study(study_name="tiny/mlp", storage=storage).best_trial
+    snaps = optuna.load_study(study_name="tiny/mlp/snapshots", storage=storage).trials
+    done = [t for t in snaps if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 1 and done[0].user_attrs["of_trial"] == best.number
+    assert all(t.user_attrs.get("surplus") for t in snaps if t not in done)
+    results = json.loads((tmp_path / "runs" / "tiny" / "ensemble" / "results.json").read_text())
+    names = {m["name"] for m in results["members"]}
+    assert {f"mlp/snapshots-of-{best.number}/snapshot-{m}" for m in (0, 1)} <= names
+    again = run_cli("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
+    assert again.returncode == 0 and "every model study is complete" in again.stdout
+    assert len(optuna.load_study(study_name="tiny/mlp/snapshots", storage=storage).trials) == len(
+        snaps
+    )

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
 from workbench import evaluate, search
 from workbench.config import StudyConfig, load_study
-from workbench.cv import CrossValidator
 from workbench.data import load_data, load_or_make_split
 from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
 from workbench.ensemble.stage import HeldOut, run_ensemble
@@ -41,35 +41,40 @@ def specs_of(cfg: StudyConfig) -> list[MemberSpec]:
         MemberSpec(f"mlp/trial-{r.number}", "mlp", r.number, "trial", r.value, r.dir)
         for r in records[:3]
     ]
-    owner = MemberSpec(
-        "mlp/snapshots",
-        "mlp",
-        records[0].number,
-        "snapshot",
-        records[0].value,
-        cfg.out / "snapshots" / "mlp",
-    )
+    best = records[0]
+    folder = cfg.out / "snapshots" / "mlp" / f"{best.number:04d}"
+    owner = MemberSpec("mlp/snapshots", "mlp", best.number, "snapshot", best.value, folder)
     return specs + snapshot_specs(owner, owner.dir, "accuracy")
 
 
-def test_snapshot_run_makes_one_member_per_cycle(study: tuple) -> None:
+def test_the_snapshot_run_is_a_trial_of_the_search_one_member_per_cycle(study: tuple) -> None:
     cfg, data, split = study
-    folder = cfg.out / "snapshots" / "mlp"
+    storage = search.open_storage(cfg)
+    best = search.completed_trials(cfg, "mlp", storage)[0]
+    snaps = optuna.load_study(study_name="tiny/mlp/snapshots", storage=storage)
+    (run,) = snaps.get_trials(states=(optuna.trial.TrialState.COMPLETE,))  # exactly one
+    assert run.user_attrs["of_trial"] == best.number and run.user_attrs["cycles"] == 3
+    assert run.user_attrs["hp"] == {
+        "width": 64,  # models.mlp.params
+        **best.params,
+        "schedule": "cosine_restarts",
+        "cycles": 3,
+        "epochs": 3,  # the study's 2 epochs, raised to one per cycle
+    }
+    folder = cfg.out / run.user_attrs["dir"]
+    assert folder == cfg.out / "snapshots" / "mlp" / f"{best.number:04d}"
     assert sorted(p.name for p in folder.glob("snap-*")) == ["snap-0", "snap-1", "snap-2"]
-    best = search.completed_trials(cfg, "mlp", search.open_storage(cfg))[0]
-    done = json.loads((folder / "trial.json").read_text())
-    assert done["plan"] == {"trial": best.number, "cycles": 3}
-    assert set(done["files"]["files"]) >= {f"snap-{m}/oof.npz" for m in range(3)}
+    assert set(run.user_attrs["files"]["files"]) >= {f"snap-{m}/oof.npz" for m in range(3)}
     members, skipped = load_members(specs_of(cfg)[-3:], split.train_idx, cfg.cv.folds)
     assert not skipped and [m.spec.kind for m in members] == ["snapshot"] * 3
     # each snapshot has its own out-of-fold probabilities over every training row
     assert not np.allclose(members[0].oof, members[2].oof)
     for m in members:
         np.testing.assert_allclose(m.oof.sum(1), 1.0, atol=1e-9)
-    # done once: asking again reuses the folder without training
+    # done once: a worker started again finds nothing to run
     mtime = (folder / "snap-0" / "oof.npz").stat().st_mtime
-    cv = CrossValidator(cfg, "mlp", data, split)
-    assert search.run_snapshots(cv, Tracker(cfg, enabled=False), 3) == folder
+    search.run_worker(cfg, data, split, Tracker(cfg, enabled=False))
+    assert len(snaps.get_trials()) == 1
     assert (folder / "snap-0" / "oof.npz").stat().st_mtime == mtime
 
 

@@ -14,7 +14,7 @@ Layout under the study's output folder (`<output_dir>/<name>/`):
         history.json              per fold, per epoch: train_loss, val_loss, val_accuracy, lr
         snap-<m>/fold-<k>.pt      with cosine_restarts cycles > 1: weights at the end of cycle m,
         snap-<m>/oof.npz          and their own out-of-fold probabilities
-    snapshots/<model>/            the best configuration's snapshot run, the same layout
+    snapshots/<model>/<nnnn>/     the snapshot run of trial nnnn's configuration, the same layout
     ensemble/                     results.json, test_evaluations.json, mlflow.json, final/
     logs/worker-<i>.log, timings.json, study.resolved.json, optuna.db (the default storage)
 
@@ -88,8 +88,9 @@ class RunStore:
     def trial(self, model: str, number: int) -> Path:
         return self.root / "trials" / model / f"{number:04d}"
 
-    def snapshots(self, model: str) -> Path:
-        return self.root / "snapshots" / model
+    def snapshots(self, model: str, of_trial: int) -> Path:
+        """The snapshot run of trial `of_trial`'s configuration."""
+        return self.root / "snapshots" / model / f"{of_trial:04d}"
 
     @property
     def ensemble(self) -> Path:

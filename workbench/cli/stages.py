@@ -15,17 +15,15 @@ from typing import Any
 from workbench import export, infer, search
 from workbench.config import StudyConfig, resolved
 from workbench.console import console, ensemble_table
-from workbench.cv import CrossValidator
 from workbench.data import ImageData, Split
 from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
 from workbench.ensemble.stage import HeldOut, run_ensemble
 from workbench.errors import CheckpointError
-from workbench.events import Events
 from workbench.files import atomic_write
 from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
 from workbench.runtime import configure_threads
 from workbench.store import RunStore
-from workbench.tracking import FoldRuns, Tracker
+from workbench.tracking import Tracker
 
 REPORTS = Path("reports")  # reports/<study>.html, beside the study files
 
@@ -134,18 +132,25 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
             spec = MemberSpec(name, model, r.number, "trial", r.value, folder)
             specs += [spec, *snapshot_specs(spec, folder, cfg.cv.metric)]  # searched snapshots
         if records and cfg.ensemble.snapshots > 1:  # the best configuration's snapshot run
-            cv = CrossValidator(cfg, model, ds, split, Events([FoldRuns(tracker)]), store=store)
-            snaps = search.run_snapshots(cv, tracker, cfg.ensemble.snapshots)
             best = records[0]
-            owner = MemberSpec(
-                f"{model}/snapshots-of-{best.number}",
-                model,
-                best.number,
-                "snapshot",
-                best.value,
-                snaps or best.dir,
-            )
-            specs += snapshot_specs(owner, owner.dir, cfg.cv.metric) if snaps else []
+            name = f"{model}/snapshots-of-{best.number}"
+            run = search.completed_snapshot(cfg, model, storage, best.number)
+            if run is None:
+                unopened.append(
+                    f"no snapshot run of {model}/trial-{best.number} ({cfg.ensemble.snapshots} "
+                    f"cycles) yet: `workbench worker` on the study file runs it; ensembling "
+                    f"without it"
+                )
+                continue
+            try:
+                folder = store.open_run(
+                    run.user_attrs["files"], cfg.out / run.user_attrs["dir"], name
+                )
+            except CheckpointError as e:
+                unopened.append(f"skipped member {name}: {e}")
+                continue
+            owner = MemberSpec(name, model, best.number, "snapshot", best.value, folder)
+            specs += snapshot_specs(owner, folder, cfg.cv.metric)
     members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
     for line in unopened + skipped:
         console.print(f"[yellow]warning:[/] {line}")

@@ -29,7 +29,9 @@ def run_workers(
 ) -> bool:
     """Start n `workbench worker` processes and show progress until they end; True if Ctrl-C."""
     rows = search.progress(cfg, storage)
-    if all(r.complete + r.pruned >= r.target for r in rows):
+    if all(r.complete + r.pruned >= r.target for r in rows) and not search.pending_snapshots(
+        cfg, storage
+    ):
         console.print(
             "every model study is complete: nothing to run "
             "(raise `trials` in the study file, or pass --trials, to search further)"

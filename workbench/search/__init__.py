@@ -27,6 +27,11 @@ worker), so the next worker to start runs it. A retry (of a dead worker's trial 
 interrupted one) inherits its first try's folder, keeps the folds completed there and trains
 only the missing ones, with the seeds the first try would have used (user attr `first_try`).
 
+Snapshot runs are trials too (search/snapshots.py): with `[ensemble] snapshots = M`, once a
+model's search has nothing running or queued, a worker queues one trial in the model's
+`<study>/<model>/snapshots` study that retrains the best configuration with M cosine cycles; any
+worker runs it, with the same heartbeats, retries and sealed files as a search trial.
+
 On disk: the run store's layout (workbench/store.py). A completed trial records its folder
 (`dir`, relative to the study's folder) and its manifest (`files`: URI, sha256 per file).
 """
@@ -41,7 +46,7 @@ from workbench.search.results import (
     progress,
     trial_rows,
 )
-from workbench.search.snapshots import run_snapshots
+from workbench.search.snapshots import completed_snapshot, pending_snapshots
 from workbench.search.storage import (
     DIRECTIONS,
     FINISHED,
@@ -49,6 +54,8 @@ from workbench.search.storage import (
     StaleTrial,
     create_studies,
     open_storage,
+    snapshot_study,
+    snapshot_study_name,
     storage_url,
     study_name,
 )
@@ -64,14 +71,17 @@ __all__ = [
     "StaleTrial",
     "TrialRecord",
     "_has_work",
+    "completed_snapshot",
     "completed_trials",
     "create_studies",
     "importances",
     "open_storage",
+    "pending_snapshots",
     "progress",
-    "run_snapshots",
     "run_worker",
     "sample_params",
+    "snapshot_study",
+    "snapshot_study_name",
     "storage_url",
     "study_name",
     "trial_rows",

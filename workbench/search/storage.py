@@ -152,6 +152,21 @@ def _without_password(url: str) -> str:
         return url
 
 
+def snapshot_study_name(cfg: StudyConfig, model: str) -> str:
+    return f"{study_name(cfg, model)}/snapshots"
+
+
+def snapshot_study(cfg: StudyConfig, model: str, storage: Any) -> optuna.Study:
+    """The model's snapshot study, created on first use (by the parent, or by a worker of a
+    storage made before snapshot runs were trials)."""
+    return optuna.create_study(
+        storage=storage,
+        study_name=snapshot_study_name(cfg, model),
+        direction=DIRECTIONS[cfg.cv.metric],
+        load_if_exists=True,
+    )
+
+
 def create_studies(cfg: StudyConfig, storage: RDBStorage) -> dict[str, optuna.Study]:
     """Create (or load) one study per model; refuse to resume one made from an incompatible file."""
     key = resume_key(cfg)
@@ -174,6 +189,8 @@ def create_studies(cfg: StudyConfig, storage: RDBStorage) -> dict[str, optuna.St
                 f"{cfg.out}) to start a new study."
             )
         studies[model] = study
+        if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:
+            snapshot_study(cfg, model, storage)  # before any worker: two creating it race
     return studies
 
 

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from workbench.data import ImageData, Split
 from workbench.errors import CheckpointError, StorageError
 from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
-from workbench.search.snapshots import run_snapshots
-from workbench.search.storage import TAKEN, open_storage, requeue, study_name
+from workbench.search.snapshots import is_surplus_snapshot, queue_snapshot
+from workbench.search.storage import TAKEN, open_storage, requeue, snapshot_study, study_name
 from workbench.store import RunStore
 from workbench.tracking import FoldRuns, Tracker
 from workbench.train import Interrupted
@@ -79,12 +80,14 @@ def _surplus(trial: Trial, target: int) -> bool:
 
 @dataclass
 class Objective:
-    """Score one trial: the mean over the k folds of the study's metric."""
+    """Score one trial: the mean over the k folds of the study's metric. With `snapshots`, the
+    trials are the model's snapshot runs (workbench/search/snapshots.py), not sampled."""
 
     cv: CrossValidator
     tracker: Tracker
     worker: int = 0  # the worker's index, recorded on each trial it runs
     superseded: int | None = None  # our last trial, if another worker failed it while it ran
+    snapshots: bool = False
 
     def __call__(self, trial: Trial) -> float:
         self.superseded = None
@@ -99,15 +102,25 @@ class Objective:
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
-        if _surplus(trial, cfg.trials_for(model)):
+        if is_surplus_snapshot(trial) if self.snapshots else _surplus(trial, cfg.trials_for(model)):
             trial.set_user_attr("surplus", True)
             raise Surplus(f"trial {trial.number}: the study already has its trials; nothing run")
-        spec = cfg.models[model]
-        hp = {**spec.params, **sample_params(trial, spec.space)}
         # a retry inherits its first try's user attrs: the same folder (kept folds), the same seeds
         first = int(trial.user_attrs.get("first_try", trial.number))
-        out = store.trial(model, first)
-        run = self.tracker.start_trial(model, trial.number, hp)
+        label: int | str
+        seed_label: int | str
+        report: Report | None
+        if self.snapshots:
+            of = int(trial.user_attrs["of_trial"])
+            hp, out = dict(trial.user_attrs["hp"]), store.snapshots(model, of)
+            label = seed_label = f"snapshots-of-{of}"
+            report = None  # one run of a chosen configuration: nothing to prune
+        else:
+            spec = cfg.models[model]
+            hp = {**spec.params, **sample_params(trial, spec.space)}
+            out, label, seed_label = store.trial(model, first), trial.number, first
+            report = self._reporter(trial)
+        run = self.tracker.start_trial(model, label, hp)
         trial.set_user_attr("mlflow_run_id", run)
         trial.set_user_attr("first_try", first)
         trial.set_user_attr("dir", store.relative(out))  # relative: portable
@@ -115,9 +128,7 @@ class Objective:
             store.pull(out)
         t0 = time.perf_counter()
         try:
-            result = self.cv.run(
-                hp, out, RunRef(model, trial.number, run), self._reporter(trial), first
-            )
+            result = self.cv.run(hp, out, RunRef(model, label, run), report, seed_label)
             scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
             summary = {**result.summary(), "seconds": time.perf_counter() - t0}
             for key, value in {**summary, "fold_scores": scores}.items():
@@ -227,20 +238,32 @@ def _work(
         for m in names
     }
     events, store = Events([FoldRuns(tracker)]), RunStore(cfg.out, tracker.remote())
-    objectives = {
-        m: Objective(
-            CrossValidator(cfg, m, data, split, events, should_stop, store), tracker, worker
-        )
+
+    def objective(m: str, snapshots: bool = False) -> Objective:
+        cv = CrossValidator(cfg, m, data, split, events, should_stop, store)
+        return Objective(cv, tracker, worker, snapshots=snapshots)
+
+    # (name, study, objective, has work?): every model's search, then its snapshot run
+    jobs: list[tuple[str, optuna.Study, Objective, Callable[[], bool]]] = [
+        (m, studies[m], objective(m), partial(_has_work, studies[m], cfg.trials_for(m)))
         for m in names
-    }
-    failures = dict.fromkeys(names, 0)
+    ]
+    if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:
+        for m in names:
+            snaps = snapshot_study(cfg, m, storage)
+            queued = partial(_has_work, snaps, 0)  # a queued (or retried) snapshot run
+            new = partial(queue_snapshot, cfg, m, studies[m], snaps)
+            jobs.append((f"{m}/snapshots", snaps, objective(m, True), _either(queued, new)))
+    failures = {name: 0 for name, *_ in jobs}
     waiting_for: set[tuple[str, int]] = set()
     while not should_stop():
-        for study in studies.values():
+        for _, study, *_ in jobs:
             optuna.storages.fail_stale_trials(study)  # FAIL, then StaleTrial queues a retry
-        model = next((m for m in names if _has_work(studies[m], cfg.trials_for(m))), None)
-        if model is None:
-            running = {(m, t.number) for m in names for t in _running_elsewhere(studies[m])}
+        job = next((j for j in jobs if j[3]()), None)
+        if job is None:
+            running = {
+                (name, t.number) for name, study, *_ in jobs for t in _running_elsewhere(study)
+            }
             if not running:
                 break
             if not running <= waiting_for:
@@ -254,17 +277,16 @@ def _work(
                 )
             _pause(min(cfg.search.heartbeat, 2), should_stop)  # ends soon after they do
             continue
-        ended = _run_one(studies[model], objectives[model])
+        name, study, obj, _ = job
+        ended = _run_one(study, obj)
         failed = ended is not None and ended.state == TrialState.FAIL
-        failures[model] = failures[model] + 1 if failed else 0
-        if failures[model] > 3:
-            raise StorageError(f"{study_name(cfg, model)}: 4 trials in a row failed; see the log")
-    if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:  # then the snapshot runs, shared out
-        for model in names:
-            if should_stop():
-                break
-            cv = CrossValidator(cfg, model, data, split, events, should_stop, store)
-            run_snapshots(cv, tracker, cfg.ensemble.snapshots, claim=True)
+        failures[name] = failures[name] + 1 if failed else 0
+        if failures[name] > 3:
+            raise StorageError(f"{study.study_name}: 4 trials in a row failed; see the log")
+
+
+def _either(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: first() or second()
 
 
 def _run_one(study: optuna.Study, objective: Objective) -> FrozenTrial | None:
