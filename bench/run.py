@@ -2,7 +2,7 @@
 
     1 training loop    workbench.train.fit vs a bare PyTorch loop (img/s)      >= 0.9x
     2 tracking         search stage with MLflow on vs off                      <= 5 %
-    3 parallelism      trials/hour, 2 workers vs 1                             >= 1.7x
+    3 parallelism      trials/hour, 2 workers vs 1                             >= 1.8x
     4 end to end       wall time per stage of the digits study (--trials 3)
     5 inference        logged pyfunc model vs its members alone (img/s)        >= 0.9x
     6 accuracy         final model vs RBF SVC / logistic regression, same split

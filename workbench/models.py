@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from workbench.config import StudyConfig, TrainConfig
 from workbench.errors import ConfigError
@@ -180,6 +179,10 @@ def resnet(
 ) -> nn.Module:
     """torchvision's ResNet (BasicBlock) adapted to small images: a 3x3 stride-1 stem, no max-pool,
     any input channel count, and stage widths width * (1, 2, 4, 8) (64 = torchvision's)."""
+    # imported here, not at the top: torchvision's import pulls in torch._dynamo, 1.5 s of every
+    # worker's start-up here (python -X importtime), which studies without a resnet need not pay
+    from torchvision.models.resnet import BasicBlock
+
     if depth not in _RESNET_BLOCKS:
         raise ConfigError(f"resnet depth must be one of {sorted(_RESNET_BLOCKS)}, got {depth}")
     layers: list[nn.Module] = [*_conv_bn(in_shape[0], width)[:2], nn.ReLU(inplace=True)]

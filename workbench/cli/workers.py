@@ -72,7 +72,7 @@ def run_workers(
                 live.update(
                     progress_table(search.progress(cfg, storage), cfg.cv.metric, n, started)
                 )
-                time.sleep(1.0)
+                _wait_a_second(procs)
             live.update(progress_table(search.progress(cfg, storage), cfg.cv.metric, n, started))
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -87,3 +87,12 @@ def run_workers(
     if bad and not stopping and any(r.complete + r.pruned < r.target for r in rows):
         raise typer.Exit(1)  # a worker died and the others could not finish its share
     return bool(stopping)
+
+
+def _wait_a_second(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Up to 1 s between table refreshes, ending within 0.1 s of the last worker's exit (a
+    1-s sleep added 0.5 s on average to every search stage)."""
+    for _ in range(10):
+        if all(p.poll() is not None for p in procs):
+            return
+        time.sleep(0.1)
