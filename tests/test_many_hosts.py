@@ -2,9 +2,9 @@
 storage), a real `mlflow server --serve-artifacts` with its own artifact folder, and "hosts" that
 are empty working directories sharing nothing but those two URLs and the study file.
 
-Host A runs `workbench study` (the parent and one worker), host B joins with `workbench worker`,
-then host C, which ran nothing, runs `workbench ensemble`: it must find every completed trial,
-fetch their files from MLflow and write the results that host A writes for the same trials.
+Host A runs `workbench study` (the parent and one worker), host B adds trials with
+`workbench worker`, then host C, which ran nothing, runs `workbench ensemble`: it must find every
+completed trial, fetch their files from MLflow and write the results host A writes for them.
 And a worker killed on one host has its trial retried on another, from the folds it finished.
 """
 
@@ -31,7 +31,7 @@ from workbench.tracking import Tracker
 
 STUDY = (
     TINY.format(out="runs")  # relative: each host writes under its own working directory
-    .replace("trials = 3", "trials = 6")
+    .replace("trials = 3", 'trials = 6\npruner = "none"')  # every trial completes
     .replace("[tracking]\nenabled = false", '[tracking]\nenabled = true\nartifacts = "mlflow"')
     + "[ensemble]\ntop_k = 6\n"
 )
@@ -45,6 +45,15 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield api
 
 
+def make_hosts(tmp_path: Path, names: str, file: str, text: str) -> dict[str, Path]:
+    """One empty working directory per "host", each with its own copy of the study file."""
+    hosts = {name: tmp_path / name for name in names}
+    for host in hosts.values():
+        host.mkdir()
+        (host / file).write_text(text)
+    return hosts
+
+
 def results(host: Path) -> dict:
     return json.loads((host / "runs" / "tiny" / "ensemble" / "results.json").read_text())
 
@@ -54,37 +63,22 @@ def test_two_hosts_search_and_a_third_ensembles_from_the_servers_alone(
 ) -> None:
     storage, api = postgres("hosts"), tracking_server
     env = {**CLI_ENV, "WORKBENCH_STORAGE": storage, "MLFLOW_TRACKING_URI": api}
-    hosts = {name: tmp_path / name for name in "abc"}
-    for host in hosts.values():
-        host.mkdir()
-        (host / "tiny.toml").write_text(STUDY)
-    a = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "study", "tiny.toml", "--workers", "1"],
-        cwd=hosts["a"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while True:  # host B joins once host A's parent has created the study
-        try:
-            study = optuna.load_study(study_name="tiny/mlp", storage=storage)
-            break
-        except KeyError:
-            assert a.poll() is None and time.monotonic() < deadline, a.communicate()[0]
-            time.sleep(0.5)
+    hosts = make_hosts(tmp_path, "abc", "tiny.toml", STUDY)
+    # host A searches first (3 of the 6 trials, --trials 3), then host B adds the other 3: one
+    # after the other, so that each surely runs some (concurrent workers: tests/test_workers.py)
+    a = run_cli("study", "tiny.toml", "--workers", "1", "--trials", "3", cwd=hosts["a"], env=env)
+    assert a.returncode == 0, a.stdout + a.stderr
     b = run_cli("worker", "tiny.toml", "--index", "1", cwd=hosts["b"], env=env)
-    out_a, _ = a.communicate(timeout=600)
-    assert a.returncode == 0, out_a
     assert b.returncode == 0, b.stdout + b.stderr
+    study = optuna.load_study(study_name="tiny/mlp", storage=storage)
+    assert {t.user_attrs["worker"] for t in study.trials} == {0, 1}  # both hosts ran trials
 
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert {t.user_attrs["worker"] for t in complete} == {0, 1}  # both hosts ran trials
     for t in complete:  # each trial's files went to MLflow, in the run store's layout
         uri = t.user_attrs["files"]["uri"]
         assert uri.startswith("mlflow-artifacts:/") and uri.endswith(f"/{t.user_attrs['dir']}")
     on_b = {t.number for t in complete if t.user_attrs["worker"] == 1}
+    assert len(complete) == 6 and len(on_b) == 3
     trials_a = hosts["a"] / "runs" / "tiny" / "trials" / "mlp"
     assert not {int(p.name) for p in trials_a.iterdir()} & on_b  # A never had B's folders
 
@@ -132,10 +126,7 @@ def test_a_trial_killed_on_one_host_resumes_on_another_from_the_folds_it_finishe
 ) -> None:
     storage, api = postgres("killed"), tracking_server
     env = {**CLI_ENV, "WORKBENCH_STORAGE": storage, "MLFLOW_TRACKING_URI": api}
-    hosts = {name: tmp_path / name for name in "ab"}
-    for host in hosts.values():
-        host.mkdir()
-        (host / "killed.toml").write_text(KILLED)
+    hosts = make_hosts(tmp_path, "ab", "killed.toml", KILLED)
     # the parent's part, here in-process: the Optuna study and the MLflow study run
     monkeypatch.setenv("WORKBENCH_STORAGE", storage)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", api)
