@@ -2,7 +2,7 @@
 
 The fixture is a hand-built study (2 models x 6 trials incl. pruned and failed, curves, a full
 ensemble results dict, 8 misclassified 8x8 images, a class name that is an XSS attempt).
-The browser tests load the written file in headless Chromium (skipped when it is absent).
+The browser tests load the written file in headless Chromium (a missing browser fails them).
 """
 
 from __future__ import annotations
@@ -471,13 +471,13 @@ FLAGS = [
     "--v=0",
     "--host-resolver-rules=MAP * ~NOTFOUND",
 ]
-needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"
-)
 
 
 def chromium(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str], list[str]]:
-    """Run Chromium; return the run, the page's console lines, the URLs the page fetched."""
+    """Run Chromium; return the run, the page's console lines, the URLs the page fetched.
+    A missing browser fails the test (not a skip: CI must not pass without rendering)."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"no {CHROMIUM}: install Debian's chromium (`make system-deps` does)")
     netlog = tmp / "netlog.json"
     cmd = [
         str(CHROMIUM),
@@ -502,7 +502,6 @@ def chromium(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[s
     return run, console, fetched
 
 
-@needs_chromium
 def test_browser_renders_offline_without_errors(inputs: ReportInputs, tmp_path: Path) -> None:
     page = write_report(inputs, tmp_path / "report.html")
     shot = tmp_path / "shot.png"
@@ -517,7 +516,6 @@ def test_browser_renders_offline_without_errors(inputs: ReportInputs, tmp_path: 
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a drawn page, not a blank one
 
 
-@needs_chromium
 def test_browser_sorts_numbers_as_numbers(tmp_path: Path) -> None:
     # The report's script on a small table; a second script clicks headers and writes the order
     # into the DOM. Its deliberate error and the external image prove the checks above can fail.
