@@ -239,9 +239,12 @@ def _work(
     }
     events, store = Events([FoldRuns(tracker)]), RunStore(cfg.out, tracker.remote())
 
+    # one CrossValidator per model (it holds the model's training rows and folds), shared by
+    # the model's search trials and its snapshot run
+    cvs = {m: CrossValidator(cfg, m, data, split, events, should_stop, store) for m in names}
+
     def objective(m: str, snapshots: bool = False) -> Objective:
-        cv = CrossValidator(cfg, m, data, split, events, should_stop, store)
-        return Objective(cv, tracker, worker, snapshots=snapshots)
+        return Objective(cvs[m], tracker, worker, snapshots=snapshots)
 
     # (name, study, objective, has work?): every model's search, then its snapshot run
     jobs: list[tuple[str, optuna.Study, Objective, Callable[[], bool]]] = [
