@@ -31,7 +31,7 @@ def references(out: Path) -> dict[str, dict[str, float]]:
     split = np.load(out / "split.npz")
     if str(split["fingerprint"]) != data_fingerprint(data):
         raise ValueError(f"{out / 'split.npz'} was made from other data than the digits loaded")
-    x = data.x.reshape(len(data.x), -1).numpy().astype(np.float64)  # (rows, 64) in [0, 1]
+    x = data.images().reshape(len(data.y), -1).numpy().astype(np.float64)  # (rows, 64) in [0, 1]
     y = data.y.numpy()
     tr, te = split["train_idx"], split["test_idx"]
     found = {}

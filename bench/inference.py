@@ -36,7 +36,7 @@ TARGET = 0.9  # x: the pyfunc keeps >= 90 % of the members' own throughput
 def test_images(out: Path) -> np.ndarray:
     """The study's held-out digits as float32 (N, 1, 8, 8) in [0, 1]."""
     test_idx = np.load(out / "split.npz")["test_idx"]
-    return load_data(DataConfig()).x[test_idx].numpy().astype(np.float32)
+    return load_data(DataConfig()).images(test_idx).numpy().astype(np.float32)
 
 
 def ensemble_run_id(study: StudyRun) -> tuple[str, str]:

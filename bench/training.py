@@ -75,7 +75,7 @@ def mnist_case(quick: bool) -> Case:
     n_train, n_val = (512, 128) if quick else (4000, 256)  # images
     if MNIST_T10K.exists():
         d = load_data(DataConfig(source="idx"), str(MNIST_T10K))
-        x, y, source = d.x, d.y, "MNIST t10k (../shared/data/mnist-t10k)"
+        x, y, source = d.images(), d.y, "MNIST t10k (../shared/data/mnist-t10k)"
     else:
         g = torch.Generator().manual_seed(0)
         x = torch.rand(n_train + n_val, 1, 28, 28, generator=g)
@@ -90,7 +90,7 @@ def digits_case(quick: bool) -> Case:
     """8x8: fold 0 of the digits study (80/20 split, 5 folds, seed 0): 1,149 train, 288 val."""
     d = load_data(DataConfig())
     split = make_split(d, DataConfig(), seed=0)
-    x, y = d.x[split.train_idx], d.y[split.train_idx]
+    x, y = d.images(split.train_idx), d.y[split.train_idx]
     tr, va = cv_folds(y.numpy(), 5, 0)[0]
     tr = tr[:512] if quick else tr
     return _case(

@@ -55,9 +55,12 @@ def idx(path: Path) -> ImageData:
 
 
 def test_digits() -> None:
+    from sklearn.datasets import load_digits
+
     d = load_data(DataConfig())
-    assert d.x.shape == (1797, 1, 8, 8) and d.x.dtype == torch.float32
-    assert float(d.x.min()) == 0.0 and float(d.x.max()) == 1.0
+    assert d.pixels.shape == (1797, 1, 8, 8) and d.pixels.dtype == torch.uint8 and d.scale == 16
+    x = d.images()  # float32 in [0, 1]: the 0..16 pixel values divided by 16, exactly
+    np.testing.assert_array_equal(x[:, 0].numpy(), load_digits().images / 16.0)
     assert d.num_classes == 10 and d.in_shape == (1, 8, 8) and d.source_test is None
     assert set(d.y.tolist()) == set(range(10))
 
@@ -66,9 +69,9 @@ def test_idx_real_mnist_test_set() -> None:
     if not MNIST_T10K.is_dir():
         pytest.skip(f"the real MNIST test files are not at {MNIST_T10K} (shared/ beside the repo)")
     d = idx(MNIST_T10K)
-    assert d.x.shape == (10000, 1, 28, 28) and d.source_test is None
+    assert d.pixels.shape == (10000, 1, 28, 28) and d.source_test is None
     assert d.classes == tuple("0123456789")
-    assert float(d.x.min()) >= 0.0 and float(d.x.max()) == 1.0
+    assert int(d.pixels.max()) == 255 and float(d.images(np.arange(100)).max()) == 1.0
     assert np.bincount(d.y.numpy()).min() > 800  # about 1,000 images per digit
 
 
@@ -77,9 +80,8 @@ def test_idx_round_trip_train_and_t10k(tmp_path: Path, gz: bool) -> None:
     train = write_idx_pair(tmp_path, "train", 20, gz, seed=1)
     test = write_idx_pair(tmp_path, "t10k", 10, gz, seed=2)
     d = idx(tmp_path)
-    assert d.x.shape == (30, 1, 4, 3)
-    expected = np.concatenate([train, test])[:, None] / 255.0
-    np.testing.assert_allclose(d.x.numpy(), expected, rtol=1e-6)
+    assert d.pixels.shape == (30, 1, 4, 3)
+    np.testing.assert_array_equal(d.pixels.numpy(), np.concatenate([train, test])[:, None])
     np.testing.assert_array_equal(d.source_test, np.arange(20, 30))
     assert d.y.tolist() == [i % 10 for i in range(20)] + list(range(10))
 
@@ -88,7 +90,7 @@ def test_idx_single_pair_or_images_file_is_the_whole_dataset(tmp_path: Path) -> 
     write_idx_pair(tmp_path, "digits", 12, gz=True)
     assert idx(tmp_path).source_test is None and len(idx(tmp_path).y) == 12
     d = idx(tmp_path / "digits-images-idx3-ubyte.gz")
-    assert d.x.shape == (12, 1, 4, 3)
+    assert d.pixels.shape == (12, 1, 4, 3)
 
 
 def test_idx_wrong_magic_names_file_and_number(tmp_path: Path) -> None:
@@ -142,7 +144,7 @@ def test_torchvision_reads_a_fake_mnist_root(tmp_path: Path) -> None:
     write_idx_pair(raw, "train", 20, gz=False)
     write_idx_pair(raw, "t10k", 10, gz=False)
     d = load_data(DataConfig(source="torchvision", dataset="MNIST", path=str(tmp_path)))
-    assert d.x.shape == (30, 1, 4, 3) and d.num_classes == 10
+    assert d.pixels.shape == (30, 1, 4, 3) and d.num_classes == 10
     np.testing.assert_array_equal(d.source_test, np.arange(20, 30))
 
 
@@ -176,26 +178,26 @@ def gray_folder(root: Path, size: tuple[int, int] = (6, 5)) -> dict[str, list[np
     return images
 
 
-def folder(root: Path, resize: tuple[int, int] | None = None) -> ImageData:
-    return load_data(DataConfig(source="folder", resize=resize), str(root))
+def folder(root: Path, size: tuple[int, int] | None = None, **data: object) -> ImageData:
+    return load_data(DataConfig(source="folder", image_size=size, **data), str(root))
 
 
 def test_folder_grayscale_sorted_classes(tmp_path: Path) -> None:
     images = gray_folder(tmp_path)
     d = folder(tmp_path)
-    assert d.classes == ("ant", "zebra") and d.x.shape == (6, 1, 6, 5)
+    assert d.classes == ("ant", "zebra") and d.pixels.shape == (6, 1, 6, 5)
     assert d.y.tolist() == [0, 0, 0, 1, 1, 1]
-    np.testing.assert_allclose(d.x[0, 0].numpy(), images["ant"][0] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(d.pixels[0, 0].numpy(), images["ant"][0])
 
 
 def test_folder_any_colour_image_makes_rgb_and_resize(tmp_path: Path) -> None:
     gray_folder(tmp_path)
     write_png(tmp_path / "ant" / "colour.png", np.full((9, 7, 3), 200))
-    with pytest.raises(DataError, match=r"differ in size.*6x5.*9x7.*data\.resize = \[h, w\]"):
+    with pytest.raises(DataError, match=r"differ in size.*6x5.*9x7.*data\.image_size = \[h, w\]"):
         folder(tmp_path)
-    d = folder(tmp_path, resize=(4, 3))
-    assert d.x.shape == (7, 3, 4, 3)
-    np.testing.assert_allclose(d.x[3].numpy(), 200 / 255.0, rtol=1e-6)  # the colour image
+    d = folder(tmp_path, (4, 3), resize_policy="stretch")
+    assert d.pixels.shape == (7, 3, 4, 3)
+    np.testing.assert_array_equal(d.pixels[3].numpy(), 200)  # the colour image, resized
 
 
 def test_folder_unreadable_file_is_named(tmp_path: Path) -> None:
@@ -224,12 +226,17 @@ def digits() -> ImageData:
 
 
 def test_channel_stats_and_fingerprint(digits: ImageData) -> None:
-    mean, std = channel_stats(digits.x)
-    assert mean == pytest.approx([digits.x.numpy().mean()], rel=1e-5)
-    assert std == pytest.approx([digits.x.numpy().std()], rel=1e-5)
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images / 16.0  # float64, computed without workbench
+    mean, std = channel_stats(digits.rows())
+    assert mean == pytest.approx([x.mean()], rel=1e-12)
+    assert std == pytest.approx([x.std()], rel=1e-9)
+    rows = np.arange(0, 1797, 7)  # a subset, as a fold holds
+    assert channel_stats(digits.rows(rows))[0] == pytest.approx([x[rows].mean()], rel=1e-12)
     fp = data_fingerprint(digits)
     assert len(fp) == 12 and fp == data_fingerprint(load_data(DataConfig()))
-    changed = ImageData(digits.x, digits.y.flip(0), digits.classes, "flipped labels")
+    changed = ImageData(digits.pixels, digits.y.flip(0), digits.classes, "flipped labels")
     assert data_fingerprint(changed) != fp
 
 
@@ -245,7 +252,7 @@ def test_stratified_split(digits: ImageData) -> None:
 
 def test_source_split_used_when_the_source_has_one(digits: ImageData) -> None:
     test = np.arange(1500, 1797)
-    d = ImageData(digits.x, digits.y, digits.classes, "with test", source_test=test)
+    d = ImageData(digits.pixels, digits.y, digits.classes, "with test", source_test=test)
     s = make_split(d, DataConfig(), seed=0)
     assert s.kind == "source"
     np.testing.assert_array_equal(s.test_idx, test)
@@ -260,8 +267,8 @@ def test_split_is_saved_once_and_checked(digits: ImageData, tmp_path: Path) -> N
     assert isinstance(again, Split) and again.kind == first.kind
     np.testing.assert_array_equal(again.train_idx, first.train_idx)
     np.testing.assert_array_equal(again.test_idx, first.test_idx)
-    x = digits.x.clone()
-    x[0, 0, 0, 0] += 0.5
+    x = digits.pixels.clone()
+    x[0, 0, 0, 0] += 1
     changed = ImageData(x, digits.y, digits.classes, "changed")
     with pytest.raises(DataError, match=rf"data changed.*fingerprint was {first.fingerprint}"):
         load_or_make_split(changed, DataConfig(), seed=1, path=path)

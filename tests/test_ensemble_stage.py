@@ -85,7 +85,7 @@ def test_stage_evaluates_the_test_split_once_and_saves_a_loadable_final_model(
     members, _ = load_members(specs_of(cfg), split.train_idx, cfg.cv.folds)
     y_train = data.y[split.train_idx].numpy()
     test = HeldOut(data.y[split.test_idx].numpy(), list(data.classes), split.fingerprint)
-    x_test = data.x[split.test_idx]
+    x_test = data.rows(split.test_idx)
     looks: list[int] = []
 
     def predict() -> np.ndarray:  # the members' test probabilities, counted
@@ -111,9 +111,17 @@ def test_stage_evaluates_the_test_split_once_and_saves_a_loadable_final_model(
     # the final model saved from the stage's rule predicts exactly what the stage scored
     kept = [(m.name, m.checkpoints) for m in members]
     rule = results["final"]["rule"]
-    save_final(out / "final", kept, rule, results["chosen"], list(data.classes), data.in_shape)
+    save_final(
+        out / "final",
+        kept,
+        rule,
+        results["chosen"],
+        list(data.classes),
+        data.in_shape,
+        data.preprocess,
+    )
     final = FinalEnsemble.load(out / "final")
-    proba = final.predict_proba(x_test.numpy())
+    proba = final.predict_proba(data.images(split.test_idx).numpy())
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-9)
     assert evaluate.metrics(proba, test.y)["log_loss"] == pytest.approx(
         results["final"]["test"]["log_loss"], rel=1e-9

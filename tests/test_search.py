@@ -62,7 +62,7 @@ def test_completed_trials_keep_oof_probabilities_and_fold_checkpoints(
             "fold-2.pt",
         ]
         model = load_model(rec.dir / "fold-0.pt")
-        assert predict_proba(model, data.x[:5]).shape == (5, 10)
+        assert predict_proba(model, data.images(np.arange(5))).shape == (5, 10)
     assert len(study.trials) == 3
 
 

@@ -345,7 +345,7 @@ def test_logged_model_predicts_like_the_final_ensemble(record: Record) -> None:
 
     (ens,) = (r for r in record.runs() if r.kind == "ensemble" and r.parent is None)
     _, data, split = prepare(record.study_file, None, None)
-    images = data.x[split.test_idx].numpy()
+    images = data.images(split.test_idx).numpy()
     np.save(record.tmp / "test_x.npy", images)
     fresh = record.tmp / "fresh"
     fresh.mkdir()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workbench.config import AugmentConfig, TrainConfig
-from workbench.data import channel_stats
+from workbench.data import Rows, channel_stats
 from workbench.errors import CheckpointError
 from workbench.models import create_model
 from workbench.train import Interrupted, fit, load_model, predict_proba, save_checkpoint
@@ -80,7 +80,7 @@ def test_early_stopping_restores_the_lowest_val_loss_epoch(digits: tuple) -> Non
     assert result.best_epoch == int(np.argmin(losses))
     from workbench.train import evaluate
 
-    assert evaluate(model, *val)[0] == pytest.approx(min(losses), rel=1e-5)
+    assert evaluate(model, Rows.of(*val))[0] == pytest.approx(min(losses), rel=1e-5)
 
 
 def test_cosine_restarts_keeps_one_snapshot_per_cycle(digits: tuple) -> None:

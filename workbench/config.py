@@ -29,6 +29,7 @@ from pydantic import (
 from workbench.errors import ConfigError
 
 Scalar = bool | int | float | str
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class _Frozen(BaseModel):
@@ -126,10 +127,30 @@ class DataConfig(_Frozen):
     dataset: str | None = None  # torchvision class name (MNIST, FashionMNIST, KMNIST, CIFAR10)
     test_size: float = Field(0.2, gt=0.0, lt=1.0)  # held-out fraction when the source has no own
     use_source_test: bool = True  # use the source's own test split where it has one
-    resize: tuple[int, int] | None = Field(
-        None, strict=False
-    )  # (height, width) for image folders of mixed sizes
+    # image folders: every photo becomes image_size (an int: square; or [height, width]) by
+    # resize_policy: "center_crop" (cover, then cut the centre) or "stretch"; unset: every image
+    # must already have one size
+    image_size: (
+        PositiveInt | Annotated[tuple[PositiveInt, PositiveInt], Field(strict=False)] | None
+    ) = None
+    resize_policy: Literal["center_crop", "stretch"] = "center_crop"
+    on_bad_file: Literal["error", "skip"] = "error"  # an undecodable file: stop, or leave it out
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _size_needs_folder(self) -> DataConfig:
+        if self.image_size is not None and self.source != "folder":
+            raise ValueError(
+                f"`image_size` applies to data.source = 'folder' (photos of any size), but "
+                f"data.source = {self.source!r}; remove image_size"
+            )
+        return self
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """image_size as (height, width)."""
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else s
 
 
 class CVConfig(_Frozen):

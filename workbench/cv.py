@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from workbench.config import StudyConfig, TrainConfig
-from workbench.data import ImageData, Split, channel_stats, cv_folds
+from workbench.data import ImageData, Split, cv_folds
 from workbench.errors import ConfigError
 from workbench.evaluate import scores
 from workbench.events import (
@@ -86,8 +86,8 @@ class CrossValidator:
 
     def __post_init__(self) -> None:
         self.run_store = self.store or RunStore(self.cfg.out)
-        rows = self.split.train_idx
-        self.x, self.y = self.data.x[rows], self.data.y[rows]
+        self.rows = self.data.rows(self.split.train_idx)  # a view: folds are index arrays
+        self.y = self.rows.labels
         self.folds = cv_folds(self.y.numpy(), self.cfg.cv.folds, self.cfg.seed)
         self.device = select_device(self.cfg.device)
         self.arch = self.cfg.models[self.model].arch or self.model
@@ -168,8 +168,8 @@ class CrossValidator:
     ) -> FoldRecord:
         """Train fold k; write its checkpoint (and snapshot checkpoints), then its record."""
         gen = seed_everything(derive_seed(self.cfg.seed, self.model, seed_label, k))
-        xt, yt, xv, yv = self.x[tr], self.y[tr], self.x[va], self.y[va]
-        mean, std = channel_stats(xt)  # this fold's training rows only
+        train, val = self.rows.subset(tr), self.rows.subset(va)
+        mean, std = train.channel_stats()  # this fold's training rows only
         net = create_model(
             self.arch, self.data.num_classes, self.data.in_shape, mean, std, **model_hp
         ).to(self.device)
@@ -183,8 +183,8 @@ class CrossValidator:
         try:
             result = fit(
                 net,
-                (xt, yt),
-                (xv, yv),
+                train,
+                val,
                 train_cfg,
                 augment=self.cfg.data.augment,
                 generator=gen,
@@ -195,6 +195,7 @@ class CrossValidator:
                 "arch": self.arch,
                 "num_classes": self.data.num_classes,
                 "in_shape": list(self.data.in_shape),
+                "preprocess": self.data.preprocess,  # how image files became these inputs
                 "hparams": model_hp,
                 "study": f"{self.cfg.name}/{self.model}",
                 "run": str(ref.label),
@@ -203,14 +204,14 @@ class CrossValidator:
             ckpt = save_checkpoint(self.run_store.checkpoint(out, k), net, meta)
             digest, size = file_digest(ckpt)
             self.events.emit(CheckpointWritten(ref, k, ckpt.resolve().as_uri(), digest, size))
-            proba = predict_proba(net, xv)
+            proba = predict_proba(net, val)
             snaps = []
             if len(result.snapshots) > 1:  # one cycle is the run itself: no snapshot ensemble
                 for m, state in enumerate(result.snapshots):
                     net.load_state_dict(state)
                     path = self.run_store.checkpoint(self.run_store.snapshot(out, m), k)
                     save_checkpoint(path, net, {**meta, "snapshot": m})
-                    snaps.append(predict_proba(net, xv))
+                    snaps.append(predict_proba(net, val))
             snap_proba = np.stack(snaps) if snaps else np.empty((0, *proba.shape))
             record = FoldRecord(va, proba, snap_proba, result.history, result.best_epoch)
             self.run_store.write_fold(out, k, record)

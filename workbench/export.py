@@ -84,6 +84,7 @@ def save_final(
     method: str,
     classes: list[str],
     in_shape: tuple[int, int, int],
+    preprocess: dict[str, Any],
 ) -> Path:
     """Copy the members' (name, fold checkpoints) with the rule into `folder` (replaced whole)."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -104,6 +105,7 @@ def save_final(
         "folds": len(members[0][1]),
         "combiner": state,
         "input": "float32 images (N, C, H, W), values in [0, 1]",
+        "preprocess": preprocess,  # how image files become inputs: size, resize policy, channels
     }
     atomic_write(tmp / "ensemble.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
     shutil.rmtree(folder, ignore_errors=True)

@@ -15,16 +15,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from workbench.data import Rows
 from workbench.train import load_model, predict_proba
 
 
-def fold_mean(models: Sequence[nn.Module], x: torch.Tensor) -> np.ndarray:
+def fold_mean(models: Sequence[nn.Module], x: Rows | torch.Tensor) -> np.ndarray:
     """(rows, classes): the mean of the fold models' class probabilities (rows sum to 1)."""
     return np.mean([predict_proba(m, x) for m in models], axis=0)
 
 
 def member_probas(
-    members: Sequence[Sequence[Path]], x: torch.Tensor, device: str | torch.device = "cpu"
+    members: Sequence[Sequence[Path]], x: Rows | torch.Tensor, device: str | torch.device = "cpu"
 ) -> np.ndarray:
     """(members, rows, classes) for members given as their fold checkpoints, loaded one at a
     time (a member's k models are in memory together, never every member's)."""

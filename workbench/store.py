@@ -101,6 +101,11 @@ class RunStore:
         return self.ensemble / "final"
 
     @property
+    def images(self) -> Path:
+        """The image store: the dataset decoded once (workbench/data/imagestore.py)."""
+        return self.root / "images"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

@@ -2,7 +2,8 @@
 
 The loop knows neither Optuna nor MLflow: it calls `on_epoch(epoch, metrics)` once per epoch, and
 the search uses that seam for pruning and tracking (raising from it stops training). Data are
-in-memory tensors indexed per batch: no DataLoader worker processes, no per-batch `.item()`.
+`Rows` of the image store: each batch is gathered by index as uint8 and made float on the
+training device; no DataLoader worker processes, no per-batch `.item()`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from workbench.config import AugmentConfig, TrainConfig
-from workbench.data import augment_batch
+from workbench.data import Rows, augment_batch
 from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.models import Classifier, create_model
@@ -44,8 +45,8 @@ class FitResult:
 
 def fit(
     model: Classifier,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: Rows | tuple[torch.Tensor, torch.Tensor],
+    val: Rows | tuple[torch.Tensor, torch.Tensor],
     cfg: TrainConfig,
     *,
     augment: AugmentConfig | None = None,
@@ -55,16 +56,17 @@ def fit(
 ) -> FitResult:
     """Train `model` in place on `train`, scoring `val` every epoch; returns the history.
 
+    `train` and `val` are row views of an image store, or (images in [0, 1], labels) tensors.
     With `patience > 0` the model ends holding the weights of its lowest validation loss epoch.
     With schedule = cosine_restarts, the weights at each cycle's end are kept in `snapshots`.
     """
     device = next(model.parameters()).device
     # channels_last: 1.47x (width 16) and 1.2x (width 32) faster CNN training on this CPU
     model.to(memory_format=torch.channels_last)
-    x, y = train[0].to(device), train[1].to(device)
-    xv, yv = val[0].to(device), val[1].to(device)
+    train, val = _as_rows(train), _as_rows(val)
+    y = train.labels.to(device)
     gen = generator or torch.Generator().manual_seed(0)
-    n, bs = len(x), min(cfg.batch_size, len(x))
+    n, bs = len(train), min(cfg.batch_size, len(train))
     steps_per_epoch = n // bs  # drop the ragged last batch: a batch of 1 breaks BatchNorm
     optimizer = _optimizer(model, cfg)
     schedule = _schedule(optimizer, cfg, steps_per_epoch)
@@ -76,12 +78,14 @@ def fit(
         # 1) one pass over the training rows in a fresh random order
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen).to(device)
+        order = torch.randperm(n, generator=gen)
         loss_sum = torch.zeros((), device=device)
         for step in range(steps_per_epoch):
             idx = order[step * bs : (step + 1) * bs]
-            xb = augment_batch(x[idx], augment, gen) if augment else x[idx]
+            xb = train.batch(idx, device)
+            xb = augment_batch(xb, augment, gen) if augment else xb
             xb = xb.contiguous(memory_format=torch.channels_last)
+            idx = idx.to(device)
             with _autocast(device):
                 loss = F.cross_entropy(
                     model(xb), y[idx], weight=weight, label_smoothing=cfg.label_smoothing
@@ -96,7 +100,7 @@ def fit(
         t_train += time.perf_counter() - t0
         seen += steps_per_epoch * bs
         # 2) score the validation rows (plain cross-entropy: comparable across smoothing values)
-        val_loss, val_acc = evaluate(model, xv, yv)
+        val_loss, val_acc = evaluate(model, val)
         metrics = {
             "train_loss": loss_sum.item() / max(steps_per_epoch, 1),
             "val_loss": val_loss,
@@ -129,29 +133,36 @@ def fit(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on (x, y)."""
-    logits = _logits(model, x)
-    loss = F.cross_entropy(logits.float(), y.to(logits.device))
-    acc = (logits.argmax(1) == y.to(logits.device)).float().mean()
+def evaluate(model: nn.Module, rows: Rows) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on `rows`."""
+    logits = _logits(model, rows)
+    y = rows.labels.to(logits.device)
+    loss = F.cross_entropy(logits.float(), y)
+    acc = (logits.argmax(1) == y).float().mean()
     return float(loss), float(acc)
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities (rows sum to 1) as float64 numpy, shape (rows, classes)."""
-    return torch.softmax(_logits(model, x, batch_size).double(), dim=1).cpu().numpy()
+def predict_proba(model: nn.Module, x: Rows | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities (rows sum to 1) as float64 numpy, shape (rows, classes); `x` is a
+    row view or float images in [0, 1]."""
+    rows = x if isinstance(x, Rows) else Rows.of(x, torch.zeros(len(x), dtype=torch.int64))
+    return torch.softmax(_logits(model, rows, batch_size).double(), dim=1).cpu().numpy()
 
 
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def _logits(model: nn.Module, rows: Rows, batch_size: int = 1024) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     with _autocast(device):
         out = [
-            model(x[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last))
-            for i in range(0, len(x), batch_size)
+            model(xb.contiguous(memory_format=torch.channels_last))
+            for xb in rows.chunks(batch_size, device)
         ]
     return torch.cat(out).float()
+
+
+def _as_rows(data: Rows | tuple[torch.Tensor, torch.Tensor]) -> Rows:
+    return data if isinstance(data, Rows) else Rows.of(*data)
 
 
 def _autocast(device: torch.device) -> Any:

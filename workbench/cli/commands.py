@@ -48,7 +48,7 @@ def prepare(
         check_models(cfg)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
-    data = load_data(cfg.data, data_path)
+    data = load_data(cfg.data, data_path, RunStore(cfg.out).images)
     split = load_or_make_split(data, cfg.data, cfg.seed, RunStore(cfg.out).file("split.npz"))
     cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed)  # folds <= smallest class
     return cfg, data, split

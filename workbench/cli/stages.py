@@ -72,7 +72,7 @@ def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracke
     images = None
     if results and results["misclassified"]:
         rows_shown = split.test_idx[[m["row"] for m in results["misclassified"]]]
-        images = ds.x[rows_shown].permute(0, 2, 3, 1).numpy()
+        images = ds.images(rows_shown).permute(0, 2, 3, 1).numpy()
         images = images[..., 0] if images.shape[-1] == 1 else images
     timings = store.file("timings.json")
     return ReportInputs(
@@ -155,7 +155,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     for line in unopened + skipped:
         console.print(f"[yellow]warning:[/] {line}")
     test = HeldOut(ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint)
-    x_test = ds.x[split.test_idx]
+    x_test = ds.rows(split.test_idx)
     out = store.ensemble
     results = run_ensemble(
         members,
@@ -176,8 +176,11 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     else:
         rule = results["final"]["rule"]
         kept = [(m.name, m.checkpoints) for m in members]
-        export.save_final(store.final, kept, rule, results["chosen"], test.classes, ds.in_shape)
-        run_id = tracker.log_ensemble(results, export.packaged(store.final, x_test[:4].numpy()))
+        export.save_final(
+            store.final, kept, rule, results["chosen"], test.classes, ds.in_shape, ds.preprocess
+        )
+        example = ds.images(split.test_idx[:4]).numpy()
+        run_id = tracker.log_ensemble(results, export.packaged(store.final, example))
         if run_id:  # where the loadable model is: mlflow.pyfunc.load_model(model_uri)
             link = {"run_id": run_id, "model_uri": f"runs:/{run_id}/model", "uri": tracker.uri}
             atomic_write(out / "mlflow.json", lambda f: f.write(json.dumps(link).encode()))

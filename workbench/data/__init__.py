@@ -1,7 +1,8 @@
-"""Data: four sources loaded as one tensor, the held-out split, CV folds, batch augmentation."""
+"""Data: sources decoded once into a uint8 image store, row views, split, folds, augmentation."""
 
 from workbench.data.augment import augment_batch
-from workbench.data.sources import ImageData, channel_stats, load_data
+from workbench.data.images import ImageData, Rows, channel_stats
+from workbench.data.imagestore import load_data
 from workbench.data.splits import (
     Split,
     cv_folds,
@@ -12,6 +13,7 @@ from workbench.data.splits import (
 
 __all__ = [
     "ImageData",
+    "Rows",
     "Split",
     "augment_batch",
     "channel_stats",

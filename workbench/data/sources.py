@@ -1,9 +1,9 @@
-"""Four data sources, each loaded whole into one tensor: digits, IDX files, torchvision, folders.
+"""Four data sources read into one uint8 array: digits, IDX files, torchvision datasets, folders.
 
-Every source returns an `ImageData`: x (N, C, H, W) float32 in [0, 1], y (N,) int64 class indices.
-Holding the dataset as one tensor (as airbench does) keeps batching and augmentation on tensors,
-with no DataLoader. Every failure raises `DataError` naming the file or key, the value and what
-is valid.
+`Source.read` returns a `Decoded`: pixels (N, C, H, W) uint8, labels (N,) int64 class indices.
+The image store (imagestore.py) writes it once and every process maps it; `Source.files` are
+what its key hashes, so a changed source is read again. Every failure raises `DataError` naming
+the file or key, the value and what is valid.
 """
 
 from __future__ import annotations
@@ -12,56 +12,53 @@ import difflib
 import gzip
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from workbench.config import DataConfig
+from workbench.data import photos
+from workbench.data.images import Decoded
 from workbench.errors import DataError
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: tensors/arrays have no single truth value
-class ImageData:
-    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
-    y: torch.Tensor  # (N,) int64 in [0, len(classes))
-    classes: tuple[str, ...]  # class names, index = label
-    source: str  # human description, e.g. "idx:/data/mnist (10000 images)"
-    source_test: np.ndarray | None = None  # row indices of the source's own test split, if any
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset comes from, and the files whose size and time say it is unchanged."""
 
-    def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
-            raise DataError(
-                f"{self.source}: images must be (N, C, H, W) with N labels, but got x "
-                f"{tuple(self.x.shape)} and y {tuple(self.y.shape)}"
-            )
-        if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= len(self.classes)):
-            raise DataError(
-                f"{self.source}: labels must lie in [0, {len(self.classes)}) for classes "
-                f"{list(self.classes)}, but got labels {int(self.y.min())}..{int(self.y.max())}"
-            )
+    cfg: DataConfig
+    root: Path | None  # None for the embedded digits
+    files: tuple[Path, ...]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x.shape[1:]
-        return (c, h, w)
+    def read(self, scratch: Path, progress: Callable[[int], None] | None = None) -> Decoded:
+        """Decode the whole source; `scratch` is a folder for the folder source's array."""
+        cfg, root = self.cfg, self.root
+        if root is None:
+            return _load_digits()
+        if cfg.source == "idx":
+            return _load_idx(root)
+        if cfg.source == "torchvision":
+            return _load_torchvision(root, cfg.dataset)
+        return photos.read_folder(cfg, root, self.files, scratch, progress)
 
 
-def load_data(cfg: DataConfig, path: str | None = None) -> ImageData:
-    """Load the whole dataset named by `cfg`; `path` (the CLI's --data) overrides `cfg.path`."""
+def find_source(cfg: DataConfig, path: str | None = None) -> Source:
+    """The source named by `cfg`; `path` (the CLI's --data) overrides `cfg.path`."""
     if cfg.source == "digits":
-        return _load_digits()
+        return Source(cfg, None, ())
     root = _existing_path(cfg, path or cfg.path)
     if cfg.source == "idx":
-        return _load_idx(root)
-    if cfg.source == "torchvision":
-        return _load_torchvision(root, cfg.dataset)
-    return _load_folder(root, cfg.resize)
+        files = tuple(f for _, *pair in _idx_sets(root) for f in pair)
+    elif cfg.source == "torchvision":
+        files = _torchvision_files(root, cfg.dataset)
+    else:
+        from PIL import Image
+
+        listing = photos.class_files(root, set(Image.registered_extensions()))
+        files = tuple(f for fs in listing.values() for f in fs)
+    return Source(cfg, root, files)
 
 
 def _existing_path(cfg: DataConfig, path: str | None) -> Path:
@@ -86,33 +83,30 @@ _WANTS = {
 }
 
 
-def _from_uint8(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, C, H, W) -> float32 (N, C, H, W) in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(images))
-    if t.ndim == 3:
-        t = t.unsqueeze(1)
-    return t.float().div_(255.0)
-
-
-def _labels(y: np.ndarray) -> tuple[torch.Tensor, tuple[str, ...]]:
+def _labels(y: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
     """Labels within 0..9 keep classes "0".."9"; other label sets map sorted values to indices."""
     y = y.astype(np.int64)
     if len(y) == 0 or (y.min() >= 0 and y.max() <= 9):
-        return torch.from_numpy(y), tuple(str(i) for i in range(10))
+        return y, tuple(str(i) for i in range(10))
     values, index = np.unique(y, return_inverse=True)
-    return torch.from_numpy(index.astype(np.int64)), tuple(str(v) for v in values)
+    return index.astype(np.int64), tuple(str(v) for v in values)
+
+
+def _nchw(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) or (N, C, H, W) -> contiguous (N, C, H, W)."""
+    return np.ascontiguousarray(images[:, None] if images.ndim == 3 else images)
 
 
 # --- digits ------------------------------------------------------------------------------------
 
 
-def _load_digits() -> ImageData:
+def _load_digits() -> Decoded:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # values 0..16
-    y = torch.from_numpy(d.target.astype(np.int64))
-    return ImageData(x, y, tuple(str(i) for i in range(10)), f"digits ({len(y)} images)")
+    x = _nchw(d.images.astype(np.uint8))  # values 0..16, kept exact: scale = 16
+    y = d.target.astype(np.int64)
+    return Decoded(x, y, tuple(str(i) for i in range(10)), f"digits ({len(y)} images)", scale=16.0)
 
 
 # --- IDX files ---------------------------------------------------------------------------------
@@ -121,7 +115,7 @@ _IDX_IMAGES = re.compile(r"^(?P<prefix>.+)-images[-.]idx3-ubyte(\.gz)?$")
 _IDX_MAGIC = {"images": (2051, 3), "labels": (2049, 1)}  # magic number, number of dimensions
 
 
-def _load_idx(path: Path) -> ImageData:
+def _load_idx(path: Path) -> Decoded:
     sets = _idx_sets(path)
     parts = [(_read_idx(i, "images"), _read_idx(lab, "labels")) for _, i, lab in sets]
     for (_, i, lab), (xi, yi) in zip(sets, parts, strict=True):
@@ -138,7 +132,7 @@ def _load_idx(path: Path) -> ImageData:
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     test = np.arange(len(parts[0][1]), len(y), dtype=np.int64) if len(sets) == 2 else None
     yt, classes = _labels(y)
-    return ImageData(_from_uint8(x), yt, classes, f"idx:{path} ({len(y)} images)", test)
+    return Decoded(_nchw(x), yt, classes, f"idx:{path} ({len(y)} images)", test)
 
 
 def _idx_sets(path: Path) -> list[tuple[str, Path, Path]]:
@@ -208,7 +202,7 @@ def _read_idx(path: Path, kind: str) -> np.ndarray:
 _TORCHVISION = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 
 
-def _load_torchvision(root: Path, name: str | None) -> ImageData:
+def _torchvision_class(name: str | None) -> type:
     if name is None:
         raise DataError(
             f"data.dataset is not set: data.source = 'torchvision' needs one of "
@@ -223,7 +217,18 @@ def _load_torchvision(root: Path, name: str | None) -> ImageData:
         )
     from torchvision import datasets
 
-    cls = getattr(datasets, name)
+    return getattr(datasets, name)  # type: ignore[no-any-return]
+
+
+def _torchvision_files(root: Path, name: str | None) -> tuple[Path, ...]:
+    """The files of dataset `name` under `root` (CIFAR's batch folder, MNIST's raw folder)."""
+    cls = _torchvision_class(name)
+    folder = root / getattr(cls, "base_folder", cls.__name__)
+    return tuple(f for f in sorted(folder.rglob("*")) if f.is_file())
+
+
+def _load_torchvision(root: Path, name: str | None) -> Decoded:
+    cls = _torchvision_class(name)
     try:
         train, test = (cls(str(root), train=t, download=False) for t in (True, False))
     except RuntimeError as e:
@@ -239,9 +244,9 @@ def _load_torchvision(root: Path, name: str | None) -> ImageData:
         targets.append(np.asarray(ds.targets, dtype=np.int64))
     y = np.concatenate(targets)
     test_rows = np.arange(len(targets[0]), len(y), dtype=np.int64)
-    return ImageData(
-        _from_uint8(np.concatenate(images)),
-        torch.from_numpy(y),
+    return Decoded(
+        _nchw(np.concatenate(images)),
+        y,
         tuple(str(c) for c in train.classes),
         f"torchvision:{name}:{root} ({len(y)} images)",
         test_rows,
@@ -255,92 +260,3 @@ def _expected_files(cls: type, root: Path) -> list[str]:
     resources = cls.resources  # type: ignore[attr-defined]  # MNIST family: unzipped raw IDX
     raw = root / cls.__name__ / "raw"
     return [str(raw / os.path.splitext(os.path.basename(url))[0]) for url, _ in resources]
-
-
-# --- image folders -----------------------------------------------------------------------------
-
-_GRAY = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")  # one channel; others -> RGB
-_WIDE = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit pixels: divide by 65535, not 255
-
-
-def _load_folder(root: Path, resize: tuple[int, int] | None) -> ImageData:
-    """One subfolder per class (sorted names = classes), like torchvision's ImageFolder."""
-    from PIL import Image
-
-    files = _class_files(root, set(Image.registered_extensions()))
-    headers = {f: _open(f) for fs in files.values() for f in fs}  # path -> (mode, (w, h))
-    gray = all(mode in _GRAY for mode, _ in headers.values())
-    if resize is None:
-        sizes = {size: f for f, (_, size) in headers.items()}
-        if len(sizes) > 1:
-            (s1, f1), (s2, f2) = list(sizes.items())[:2]
-            raise DataError(
-                f"images in {root} differ in size: {f1} is {s1[1]}x{s1[0]} and {f2} is "
-                f"{s2[1]}x{s2[0]} (height x width); set `data.resize = [h, w]` in the study file "
-                f"to resize every image to one size"
-            )
-    x = torch.from_numpy(np.stack([_pixels(f, gray, resize) for f in headers]))
-    y = torch.tensor([k for k, fs in enumerate(files.values()) for _ in fs], dtype=torch.int64)
-    return ImageData(x, y, tuple(files), f"folder:{root} ({len(y)} images)")
-
-
-def _class_files(root: Path, extensions: set[str]) -> dict[str, list[Path]]:
-    """{class name: sorted image files below its folder}; hidden files and other types skipped."""
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(folders) < 2:
-        raise DataError(
-            f"image folder {root} has {len(folders)} class subfolder(s) {[d.name for d in folders]}"
-            f"; a classifier needs >= 2 (one subfolder of images per class)"
-        )
-    files = {}
-    for d in folders:
-        fs = sorted(
-            f
-            for f in d.rglob("*")
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in extensions
-        )
-        if not fs:
-            raise DataError(f"class folder {d} holds no image files; add images or remove it")
-        files[d.name] = fs
-    return files
-
-
-def _open(path: Path) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from the file header, without decoding the pixels."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.mode, img.size
-    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        raise DataError(f"image file {path} cannot be read: {e}") from None
-
-
-def _pixels(path: Path, gray: bool, resize: tuple[int, int] | None) -> np.ndarray:
-    """Decode one image to float32 (C, H, W) in [0, 1]; `resize` is (height, width), bilinear."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as f:
-            im: Image.Image
-            if gray and f.mode in _WIDE:  # 16-bit: float image in [0, 1] before any resize
-                im = Image.fromarray(np.asarray(f.convert("I"), np.float32) / 65535.0)
-            else:
-                im = f.convert("L" if gray else "RGB")
-            if resize is not None:
-                im = im.resize((resize[1], resize[0]), Image.Resampling.BILINEAR)
-            a = np.asarray(im, np.float32)
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
-        raise DataError(f"image file {path} cannot be read: {e}") from None
-    if im.mode != "F":
-        a = a / 255.0  # 8-bit
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-# --- summaries ---------------------------------------------------------------------------------
-
-
-def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) std over (N, H, W), e.g. for input normalisation."""
-    stats = [torch.std_mean(x[:, c], correction=0) for c in range(x.shape[1])]
-    return [float(m) for _, m in stats], [float(s) for s, _ in stats]

@@ -7,7 +7,6 @@ uses the same rows, and changed data is an error rather than a silent leak of te
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from workbench.config import DataConfig
-from workbench.data.sources import ImageData
+from workbench.data.images import ImageData, fingerprint_of
 from workbench.errors import ConfigError, DataError
 from workbench.files import load_npz, save_npz
 
@@ -31,12 +30,11 @@ class Split:
 
 
 def data_fingerprint(data: ImageData) -> str:
-    """A short sha256 (12 hex chars) of the pixels, labels, shape and class names."""
-    h = hashlib.sha256()
-    h.update(repr((tuple(data.x.shape), data.classes)).encode())
-    h.update(np.ascontiguousarray(data.x.detach().cpu().numpy()).data)
-    h.update(np.ascontiguousarray(data.y.detach().cpu().numpy()).data)
-    return h.hexdigest()[:12]
+    """A short sha256 (12 hex chars) of the pixels, labels, shape and class names; the image
+    store computes it once when it is built."""
+    if data.fingerprint:
+        return data.fingerprint
+    return fingerprint_of(data.pixels.numpy(), data.y.numpy(), data.classes)
 
 
 def make_split(data: ImageData, cfg: DataConfig, seed: int) -> Split:
