@@ -98,12 +98,45 @@ def test_space_kinds_are_read_from_the_toml_types(tmp_path: Path) -> None:
             r"tracking: .*artifacts = 'mlflow' keeps trial files in MLflow, but tracking\.enabled",
         ),
         (GOOD + '[tracking]\nartifacts = "s3"\n', r"tracking\.artifacts: .*'local' or 'mlflow'"),
+        # photo folders and augmentation
+        (
+            GOOD + '[data]\nsource = "folder"\nimage_size = 0\n',
+            r"data\.image_size: an int \(a square\) or \[height, width\], each >= 1.*got 0",
+        ),
+        (
+            GOOD + '[data.augment]\nauto_augment = "auto"\n',
+            r"data\.augment\.auto_augment: .*'none', 'trivial' or 'rand'",
+        ),
+        (
+            GOOD + "[data.augment]\nrotate = 10\n",
+            r"data\.augment\.rotate: unknown key; did you mean 'rotation'",
+        ),
+        (
+            GOOD.replace("depth = {", "mixup = { low = -0.5, high = 0.4 }\ndepth = {"),
+            r"models\.cnn\.space\.mixup: -0\.5 is not a valid `data\.augment\.mixup`: "
+            r".*greater than or equal to 0",
+        ),
     ],
 )
 def test_bad_study_files_name_the_culprit(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:
         load_study(write(tmp_path, text))
     assert str(tmp_path / "study.toml") in str(info.value)
+
+
+def test_augmentation_keys_are_searchable_per_model(tmp_path: Path) -> None:
+    text = GOOD.replace("depth = {", "mixup = { low = 0.0, high = 0.4 }\ndepth = {")
+    text += '[models.cnn.params]\nauto_augment = "trivial"\n'
+    cfg = load_study(write(tmp_path, text))
+    check_models(cfg)  # augmentation keys are known to every model
+    assert cfg.models["cnn"].params["auto_augment"] == "trivial"
+
+
+def test_a_per_model_error_names_its_key_not_the_whole_file(tmp_path: Path) -> None:
+    text = GOOD + '[models.cnn.params]\noptimizer = "adam"\n'
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, text))
+    assert "(top level)" not in str(info.value) and "'models':" not in str(info.value)
 
 
 def test_missing_study_file(tmp_path: Path) -> None:

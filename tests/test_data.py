@@ -342,3 +342,38 @@ def test_augment_hflip_per_image_and_deterministic() -> None:
     assert not torch.equal(a, augment_batch(x, both, torch.Generator().manual_seed(8)))
     for i in range(8):  # shift + flip: a translation of the image or of its mirror
         assert moves(a[i], x[i], 1) or moves(a[i], x[i].flip(-1), 1)
+
+
+def test_mixup_mixes_each_image_with_its_neighbour_by_the_target_weights() -> None:
+    from workbench.data import batch_mixer
+
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 5, 5), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    mixer = batch_mixer(AugmentConfig(mixup=0.4), num_classes=4)
+    assert mixer is not None and batch_mixer(AugmentConfig(), 4) is None
+    mixed, target = mixer(x, y)
+    assert target.shape == (8, 4)
+    np.testing.assert_allclose(target.sum(1).numpy(), 1.0, rtol=1e-6)
+    lam = float(target[0, y[0]])  # v2.MixUp pairs image i with image i-1 (the batch rolled by 1)
+    expected = lam * x + (1 - lam) * x.roll(1, 0)
+    np.testing.assert_allclose(mixed.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    onehot = torch.nn.functional.one_hot(y, 4).float()
+    expected_target = lam * onehot + (1 - lam) * onehot.roll(1, 0)
+    np.testing.assert_allclose(target.numpy(), expected_target.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_per_image_steps_give_each_image_its_own_draw() -> None:
+    from workbench.data import per_image
+
+    assert per_image(AugmentConfig(shift=2, hflip=True), (8, 8)) is None  # batched path only
+    cfg = AugmentConfig(crop_scale=0.3, rotation=30, color_jitter=0.4, erasing=1.0)
+    pipeline = per_image(cfg, (12, 12))
+    names = [type(t).__name__ for t in pipeline.transforms]
+    assert names == ["RandomResizedCrop", "RandomRotation", "ColorJitter", "RandomErasing"]
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 12, 12).expand(6, 3, 12, 12).contiguous()  # six copies of one image
+    before = x.clone()
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(0), pipeline)
+    assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert len({out[i].numpy().tobytes() for i in range(6)}) == 6  # not one draw per batch
+    assert torch.equal(x, before)  # the batch drawn from the store is not changed in place

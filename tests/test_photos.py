@@ -158,7 +158,7 @@ def test_store_is_written_once_reused_and_rebuilt_when_the_source_changes(
 def test_image_size_is_checked_when_the_study_is_loaded() -> None:
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+    with pytest.raises(ValidationError, match=r"an int \(a square\) or \[height, width\]"):
         DataConfig(source="folder", image_size=0)
     with pytest.raises(ValidationError, match=r"image_size` applies to data\.source = 'folder'"):
         DataConfig(source="idx", image_size=32)

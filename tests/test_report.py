@@ -434,6 +434,16 @@ def test_missing_inputs_say_so_in_one_line(inputs: ReportInputs) -> None:
     assert "No studies" in no_images
 
 
+def test_files_left_out_are_listed(inputs: ReportInputs) -> None:
+    assert "Files left out" not in render_report(inputs)
+    skipped = [f"photos/cat/{i}.jpg: cannot be decoded (<broken & odd>)" for i in range(23)]
+    html = render_report(ReportInputs(**{**inputs.__dict__, "skipped_files": skipped}))
+    assert "23 could not be decoded" in html
+    assert "<code>photos/cat/0.jpg: cannot be decoded (&lt;broken &amp; odd&gt;)</code>" in html
+    assert "photos/cat/19.jpg" in html and "photos/cat/20.jpg" not in html
+    assert "and 3 more" in html
+
+
 def test_write_report_is_atomic_small_and_pure(inputs: ReportInputs, tmp_path: Path) -> None:
     path = tmp_path / "reports" / "digits.html"
     path.parent.mkdir()

@@ -23,13 +23,13 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from workbench.errors import ConfigError
 
 Scalar = bool | int | float | str
-PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class _Frozen(BaseModel):
@@ -115,10 +115,22 @@ Param = Annotated[
 
 
 class AugmentConfig(_Frozen):
-    """On-the-fly augmentation of training batches only (never validation or test rows)."""
+    """On-the-fly augmentation of training batches only (never validation or test rows).
 
+    Any key may also be set or searched per model (`params` / `space`), like a [train] key."""
+
+    # per image, torchvision.transforms.v2 (workbench/data/augment.py), in this order
+    crop_scale: float = Field(1.0, gt=0.0, le=1.0)  # RandomResizedCrop area from this to 1; 1 = off
+    rotation: float = Field(0.0, ge=0.0, le=180.0)  # RandomRotation by up to +- degrees
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0)  # brightness, contrast, saturation strength
+    auto_augment: Literal["none", "trivial", "rand"] = "none"  # TrivialAugmentWide, RandAugment
+    erasing: float = Field(0.0, ge=0.0, le=1.0)  # RandomErasing probability per image
+    # batched: one tensor op per batch, each image its own draw
     shift: int = Field(0, ge=0)  # max random translation in pixels (pad-and-crop); 0 = off
     hflip: bool = False  # random horizontal flips; wrong for digits, right for CIFAR
+    # per batch, soft targets: one of the two at random when both are on
+    mixup: float = Field(0.0, ge=0.0)  # MixUp's Beta(alpha, alpha); 0 = off (0.2 is usual)
+    cutmix: float = Field(0.0, ge=0.0)  # CutMix's Beta(alpha, alpha); 0 = off (1.0 is usual)
 
 
 class DataConfig(_Frozen):
@@ -130,12 +142,20 @@ class DataConfig(_Frozen):
     # image folders: every photo becomes image_size (an int: square; or [height, width]) by
     # resize_policy: "center_crop" (cover, then cut the centre) or "stretch"; unset: every image
     # must already have one size
-    image_size: (
-        PositiveInt | Annotated[tuple[PositiveInt, PositiveInt], Field(strict=False)] | None
-    ) = None
+    image_size: tuple[int, int] | None = Field(None, strict=False)
     resize_policy: Literal["center_crop", "stretch"] = "center_crop"
     on_bad_file: Literal["error", "skip"] = "error"  # an undecodable file: stop, or leave it out
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v, v]
+        ok = isinstance(v, list | tuple) and len(v) == 2
+        if v is not None and not (ok and all(isinstance(s, int) and s >= 1 for s in v)):
+            raise ValueError("an int (a square) or [height, width], each >= 1, must be given")
+        return v
 
     @model_validator(mode="after")
     def _size_needs_folder(self) -> DataConfig:
@@ -149,8 +169,7 @@ class DataConfig(_Frozen):
     @property
     def size(self) -> tuple[int, int] | None:
         """image_size as (height, width)."""
-        s = self.image_size
-        return (s, s) if isinstance(s, int) else s
+        return self.image_size
 
 
 class CVConfig(_Frozen):
@@ -265,12 +284,26 @@ class StudyConfig(_Frozen):
     def _train_keys(self) -> StudyConfig:
         for model, spec in self.models.items():
             for key, value in spec.params.items():
-                _check_train_value(self.train, f"models.{model}.params.{key}", key, value)
+                self._check_value(f"models.{model}.params.{key}", key, value)
             for key, p in spec.space.items():
                 values = p.choices if isinstance(p, Choice) else (p.low, p.high)
                 for v in values:
-                    _check_train_value(self.train, f"models.{model}.space.{key}", key, v)
+                    self._check_value(f"models.{model}.space.{key}", key, v)
         return self
+
+    def _check_value(self, where: str, key: str, value: Any) -> None:
+        """A [train] or [data.augment] key set or searched per model must be a valid value."""
+        base: _Frozen
+        for base, section in ((self.train, "train"), (self.data.augment, "data.augment")):
+            if key in type(base).model_fields:
+                try:
+                    base.model_validate({**base.model_dump(), key: value})
+                except ValidationError as e:
+                    msg = _msg(e)
+                    raise ValueError(
+                        f"{where}: {value!r} is not a valid `{section}.{key}`: {msg}"
+                    ) from None
+        # any other key is a model-factory keyword: checked against the registry by models.py
 
     def trials_for(self, model: str) -> int:
         return self.models[model].trials or self.search.trials
@@ -278,16 +311,6 @@ class StudyConfig(_Frozen):
     @property
     def out(self) -> Path:
         return Path(self.output_dir) / self.name
-
-
-def _check_train_value(train: TrainConfig, where: str, key: str, value: Any) -> None:
-    """A [train] key set or searched per model must be a valid value of that key."""
-    if key not in TrainConfig.model_fields:
-        return  # a model-factory keyword: checked against the registry by workbench.models
-    try:
-        train.model_validate({**train.model_dump(), key: value})
-    except ValidationError as e:
-        raise ValueError(f"{where}: {value!r} is not a valid `train.{key}`: {_msg(e)}") from None
 
 
 def _msg(e: ValidationError) -> str:
@@ -332,6 +355,8 @@ def _format(path: Path, e: ValidationError) -> str:
             lines.append(f"  {where}: unknown key; {hint}known keys: {', '.join(known)}")
         elif err["type"] == "missing":
             lines.append(f"  {where}: required key is missing")
+        elif not loc:  # a rule across sections: its message names the key path itself
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {where}: {msg} (got {err.get('input')!r})")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from workbench.config import StudyConfig, TrainConfig
+from workbench.config import AugmentConfig, StudyConfig, TrainConfig
 from workbench.data import ImageData, Split, cv_folds
 from workbench.errors import ConfigError
 from workbench.evaluate import scores
@@ -98,18 +98,24 @@ class CrossValidator:
         searched = spec.space.get("epochs")
         return int(getattr(searched, "high", spec.params.get("epochs", self.cfg.train.epochs)))
 
-    def split_hparams(self, hp: dict[str, Any]) -> tuple[dict[str, Any], TrainConfig]:
-        """Hyperparameters of the model factory, and the [train] config with the rest applied."""
+    def split_hparams(
+        self, hp: dict[str, Any]
+    ) -> tuple[dict[str, Any], TrainConfig, AugmentConfig]:
+        """Hyperparameters of the model factory, then the [train] and [data.augment] configs
+        with the rest applied."""
         arch_keys = set(model_hparams(self.arch))
         model_hp = {k: v for k, v in hp.items() if k in arch_keys}
-        train = {k: v for k, v in hp.items() if k not in arch_keys}
+        aug = {k: v for k, v in hp.items() if k in AugmentConfig.model_fields}
+        train = {k: v for k, v in hp.items() if k not in arch_keys and k not in aug}
         try:
-            return model_hp, TrainConfig.model_validate({**self.cfg.train.model_dump(), **train})
+            augment = AugmentConfig.model_validate({**self.cfg.data.augment.model_dump(), **aug})
+            cfg = TrainConfig.model_validate({**self.cfg.train.model_dump(), **train})
         except ValidationError as e:  # a combination the study file's space allows
             raise ConfigError(
-                f"models.{self.model}: the hyperparameters {train} make an invalid "
+                f"models.{self.model}: the hyperparameters {train | aug} make an invalid "
                 f"[train] config: {e.errors()[0]['msg']}"
             ) from None
+        return model_hp, cfg, augment
 
     def run(
         self,
@@ -123,7 +129,7 @@ class CrossValidator:
 
         `seed_label` names the run in fold seeds (default: `ref.label`); a retry passes its first
         try's, so the folds it trains are the ones the first try would have trained."""
-        model_hp, train_cfg = self.split_hparams(hp)
+        model_hp, train_cfg, augment = self.split_hparams(hp)
         seed_label = ref.label if seed_label is None else seed_label
         y = self.y.numpy()
         oof = np.full((len(y), self.data.num_classes), np.nan)
@@ -135,7 +141,9 @@ class CrossValidator:
                 result.resumed.append(k)
                 self.events.emit(FoldResumed(ref, k, fold.history, fold.best_epoch))
             else:
-                fold = self._fold(k, tr, va, model_hp, train_cfg, out, ref, seed_label, report)
+                fold = self._fold(
+                    k, tr, va, model_hp, (train_cfg, augment), out, ref, seed_label, report
+                )
             oof[va] = fold.proba
             for m, p in enumerate(fold.snap_proba):
                 if m == len(snap_oof):
@@ -160,7 +168,7 @@ class CrossValidator:
         tr: np.ndarray,
         va: np.ndarray,
         model_hp: dict[str, Any],
-        train_cfg: TrainConfig,
+        configs: tuple[TrainConfig, AugmentConfig],
         out: Path,
         ref: RunRef,
         seed_label: int | str,
@@ -185,8 +193,8 @@ class CrossValidator:
                 net,
                 train,
                 val,
-                train_cfg,
-                augment=self.cfg.data.augment,
+                configs[0],
+                augment=configs[1],
                 generator=gen,
                 on_epoch=on_epoch,
                 should_stop=self.should_stop,

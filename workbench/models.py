@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from workbench.config import StudyConfig, TrainConfig
+from workbench.config import AugmentConfig, StudyConfig, TrainConfig
 from workbench.errors import ConfigError
 
 Factory = Callable[..., nn.Module]
@@ -96,7 +96,11 @@ def check_models(cfg: StudyConfig) -> None:
             raise ConfigError(
                 f"{where}: unknown model '{arch}'; registered models: {list_models()}"
             )
-        known = set(model_hparams(arch)) | set(TrainConfig.model_fields)
+        known = (
+            set(model_hparams(arch))
+            | set(TrainConfig.model_fields)
+            | set(AugmentConfig.model_fields)
+        )
         for kind, keys in (("params", spec.params), ("space", spec.space)):
             for key in keys:
                 if key not in known:
@@ -104,7 +108,7 @@ def check_models(cfg: StudyConfig) -> None:
                     hint = f"did you mean '{close[0]}'? " if close else ""
                     raise ConfigError(
                         f"models.{section}.{kind}.{key}: '{arch}' has no hyperparameter '{key}'; "
-                        f"{hint}valid: {model_hparams(arch)} or any [train] key"
+                        f"{hint}valid: {model_hparams(arch)} or any [train] or [data.augment] key"
                     )
 
 

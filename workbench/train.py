@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from workbench.config import AugmentConfig, TrainConfig
-from workbench.data import Rows, augment_batch
+from workbench.data import Rows, augment_batch, batch_mixer, per_image
 from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.models import Classifier, create_model
@@ -72,6 +72,8 @@ def fit(
     schedule = _schedule(optimizer, cfg, steps_per_epoch)
     weight = _class_weights(y, model.num_classes) if cfg.class_weights else None
     cycle_epochs = cfg.epochs // cfg.cycles if cfg.schedule == "cosine_restarts" else 0
+    pipeline = per_image(augment, train.shape[1:]) if augment else None
+    mixer = batch_mixer(augment, model.num_classes) if augment else None
     result, best_loss, best_state, stale = FitResult(), math.inf, None, 0
     seen, t_train = 0, 0.0
     for epoch in range(cfg.epochs):
@@ -83,12 +85,14 @@ def fit(
         for step in range(steps_per_epoch):
             idx = order[step * bs : (step + 1) * bs]
             xb = train.batch(idx, device)
-            xb = augment_batch(xb, augment, gen) if augment else xb
+            xb = augment_batch(xb, augment, gen, pipeline) if augment else xb
+            target = y[idx.to(device)]  # class indices, or soft targets (B, classes) if mixed
+            if mixer is not None:
+                xb, target = mixer(xb, target)
             xb = xb.contiguous(memory_format=torch.channels_last)
-            idx = idx.to(device)
             with _autocast(device):
                 loss = F.cross_entropy(
-                    model(xb), y[idx], weight=weight, label_smoothing=cfg.label_smoothing
+                    model(xb), target, weight=weight, label_smoothing=cfg.label_smoothing
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

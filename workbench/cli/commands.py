@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from workbench import search
 from workbench.cli.stages import ensemble_stage, report_stage, stage_timer
@@ -35,7 +36,7 @@ TrialsOpt = Annotated[int | None, typer.Option("--trials", min=1, help="trials p
 
 
 def _fail(e: WorkbenchError) -> typer.Exit:
-    console.print("[bold red]error:[/]", str(e), highlight=False)
+    console.print("[bold red]error:[/]", escape(str(e)), highlight=False)  # "[h, w]" is no tag
     return typer.Exit(2)
 
 
@@ -49,6 +50,14 @@ def prepare(
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
     data = load_data(cfg.data, data_path, RunStore(cfg.out).images)
+    if data.skipped:  # data.on_bad_file = "skip": say which, here and in the report
+        shown = "\n  ".join(data.skipped[:10])
+        more = f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""
+        console.print(
+            f"[yellow]warning:[/] {len(data.skipped)} file(s) left out "
+            + escape(f'(data.on_bad_file = "skip"):\n  {shown}{more}'),
+            highlight=False,
+        )
     split = load_or_make_split(data, cfg.data, cfg.seed, RunStore(cfg.out).file("split.npz"))
     cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed)  # folds <= smallest class
     return cfg, data, split

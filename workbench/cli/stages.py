@@ -94,6 +94,7 @@ def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracke
         ensemble=results,
         misclassified_images=images,
         created=datetime.now().isoformat(timespec="seconds"),
+        skipped_files=list(ds.skipped),
     )
 
 

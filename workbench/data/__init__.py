@@ -1,6 +1,6 @@
 """Data: sources decoded once into a uint8 image store, row views, split, folds, augmentation."""
 
-from workbench.data.augment import augment_batch
+from workbench.data.augment import augment_batch, batch_mixer, per_image
 from workbench.data.images import ImageData, Rows, channel_stats
 from workbench.data.imagestore import load_data
 from workbench.data.splits import (
@@ -16,10 +16,12 @@ __all__ = [
     "Rows",
     "Split",
     "augment_batch",
+    "batch_mixer",
     "channel_stats",
     "cv_folds",
     "data_fingerprint",
     "load_data",
     "load_or_make_split",
     "make_split",
+    "per_image",
 ]

@@ -6,7 +6,7 @@ whose input is missing (`None`, empty) says so in one line instead of failing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -54,3 +54,4 @@ class ReportInputs:
     ensemble: dict[str, Any] | None  # the ensemble stage's results.json, None if not run yet
     misclassified_images: Any | None  # float array (n, H, W) or (n, H, W, C) in [0, 1]
     created: str  # ISO timestamp
+    skipped_files: list[str] = field(default_factory=list)  # "path: reason" (on_bad_file = skip)
