@@ -109,6 +109,8 @@ class Figure:
             return f"{self.value:.4f} nats"
         if self.unit == "s":
             return f"{self.value:.1f} s"
+        if self.unit == "ms":
+            return f"{self.value:.2f} ms"
         return f"{self.value:,.0f} {self.unit}"
 
 

@@ -6,6 +6,9 @@
     4 end to end       wall time per stage of the digits study (--trials 3)
     5 inference        logged pyfunc model vs its members alone (img/s)        >= 0.9x
     6 accuracy         final model vs RBF SVC / logistic regression, same split
+    7 store memory     2-worker study on 50,000 32x32 RGB PNGs, PSS summed      <= 1 GB
+    8 store loading    10,000 mixed-size JPEGs into the store; reopened  >= 1,000 img/s; < 2 s
+    9 store training   fit on uint8 store rows vs float tensors, 28x28          >= 0.95x
 
 python bench/run.py [--quick] [--full] [--profile] [--only N[,N]] [--out DIR] [--keep]
 Writes <out>/bench.json and bench.md (default reports/bench/). Studies run in a temp folder.
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/ru
 
 from rich.console import Console
 
-from bench import accuracy, end_to_end, inference, output, search_stage, training
+from bench import accuracy, end_to_end, images, inference, output, search_stage, training
 from bench.common import ROOT, ItemResult, StudyRun, machine, machine_tag
 from workbench.runtime import configure_threads
 
@@ -46,13 +49,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also profile item 1's loops (cProfile, torch.profiler) into <out>/profile.txt",
     )
-    p.add_argument("--only", default="1,2,3,4,5,6", help="items to run, e.g. 1 or 2,3")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="items to run, e.g. 1 or 2,3")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="output folder")
     p.add_argument("--keep", action="store_true", help="keep the temp folder of the studies")
     args = p.parse_args(argv)
     args.items = sorted({int(n) for n in args.only.split(",")})
-    if not set(args.items) <= set(range(1, 7)):
-        p.error(f"--only takes items 1 to 6, got {args.only!r}")
+    if not set(args.items) <= set(ITEMS):
+        p.error(f"--only takes items 1 to {max(ITEMS)}, got {args.only!r}")
     return args
 
 
@@ -109,6 +112,18 @@ def item_6(ctx: Context) -> ItemResult:
     return result
 
 
+def item_7(ctx: Context) -> ItemResult:
+    return images.memory(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
+
+
+def item_8(ctx: Context) -> ItemResult:
+    return images.loading(ctx.tmp, ctx.args.quick, ctx.tag("one decoding process per core"))
+
+
+def item_9(ctx: Context) -> ItemResult:
+    return images.training(ctx.args.quick, ctx.tag())
+
+
 ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     1: ("Training-loop overhead", item_1),
     2: ("Tracking overhead", item_2),
@@ -116,6 +131,9 @@ ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     4: ("End to end", item_4),
     5: ("Ensemble inference", item_5),
     6: ("Accuracy beside references", item_6),
+    7: ("Image store: memory", item_7),
+    8: ("Image store: loading", item_8),
+    9: ("Training from the store", item_9),
 }
 
 

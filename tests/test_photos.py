@@ -163,3 +163,43 @@ def test_image_size_is_checked_when_the_study_is_loaded() -> None:
     with pytest.raises(ValidationError, match=r"image_size` applies to data\.source = 'folder'"):
         DataConfig(source="idx", image_size=32)
     assert DataConfig(source="folder", image_size=[24, 32]).size == (24, 32)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_photo_and_cifar10_studies_read_data_made_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    import torchvision.datasets.cifar as cifar
+
+    from workbench.config import load_study
+
+    photos = load_study(ROOT / "studies" / "photos.toml")
+    for i, (w, h) in enumerate([(120, 80), (64, 200), (300, 300), (97, 101)]):
+        save(bands(w, h), tmp_path / "photos" / ("cat" if i % 2 else "dog") / f"{i}.jpg")
+    (tmp_path / "photos" / "cat" / "bad.png").write_bytes(b"not a png")  # on_bad_file = skip
+    d = load_data(photos.data, str(tmp_path / "photos"))
+    assert d.pixels.shape == (4, 3, 96, 96) and d.classes == ("cat", "dog")
+    assert len(d.skipped) == 1 and "bad.png" in d.skipped[0]
+
+    cfg = load_study(ROOT / "studies" / "cifar10.toml")
+    batches = tmp_path / "cifar" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    rows = {}
+    for name in names:  # the CIFAR-10 python format: (n, 3072) uint8 rows, R then G then B
+        rows[name] = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        with open(batches / name, "wb") as f:
+            pickle.dump({"data": rows[name], "labels": [0, 1, 2, 9]}, f)
+    with open(batches / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)  # md5s of the real files
+    d = load_data(cfg.data, str(tmp_path / "cifar"))
+    assert d.pixels.shape == (24, 3, 32, 32) and d.classes[9] == "class9"
+    np.testing.assert_array_equal(d.source_test, np.arange(20, 24))
+    expected = rows["data_batch_1"][1].reshape(3, 32, 32)  # channel-major, as the format says
+    np.testing.assert_array_equal(d.pixels[1].numpy(), expected)
