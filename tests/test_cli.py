@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import run_cli
 
 
@@ -78,3 +79,24 @@ def test_the_snapshot_run_is_run_once_by_the_workers_and_ensembled(
     assert len(optuna.load_study(study_name="tiny/mlp/snapshots", storage=storage).trials) == len(
         snaps
     )
+
+
+def test_spawned_workers_where_fork_is_not_used(
+    tiny_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS and Windows spawn `python -m workbench worker` instead of forking: the same study
+    runs to the same end through that path (run in-process here, with fork switched off)."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import commands
+
+    monkeypatch.setattr(commands, "FORK", False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(commands.app, ["study", str(tiny_file), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs" / "tiny"
+    study = optuna.load_study(study_name="tiny/mlp", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert sum(t.state.is_finished() for t in study.trials) >= 3  # complete or pruned
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert set(logs) == {"worker-0.log", "worker-1.log"}
+    assert (out / "ensemble" / "results.json").exists()

@@ -60,6 +60,17 @@ def test_center_crop_keeps_the_centre_and_stretch_keeps_everything(tmp_path: Pat
     }
 
 
+def test_center_crop_of_squares_and_near_squares(tmp_path: Path) -> None:
+    # 49 x 49 to 64: the covering scale's float rounding once put the box at -3.6e-15
+    sizes = [(49, 49), (49, 51), (97, 96), (300, 300), (320, 97)]
+    for i, size in enumerate(sizes):
+        save(Image.new("RGB", size, (10 * i, 100, 200)), tmp_path / "ab"[i % 2] / f"{i}.png")
+    d = folder_data(tmp_path, image_size=64)
+    assert d.pixels.shape == (5, 3, 64, 64) and not d.skipped
+    colours = {tuple(int(v) for v in d.pixels[k, :, 32, 32]) for k in range(5)}
+    assert colours == {(10 * i, 100, 200) for i in range(5)}
+
+
 def test_any_mode_becomes_rgb_or_grey(tmp_path: Path) -> None:
     grey16 = np.full((6, 6), 32896, np.uint16)  # 32896 / 257 = 128 exactly
     save(Image.fromarray(grey16), tmp_path / "grey" / "wide.png")

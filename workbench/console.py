@@ -7,11 +7,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from workbench.errors import WorkbenchError
 from workbench.search import ModelProgress
 
 console = Console()
+
+
+def print_error(e: WorkbenchError) -> None:
+    """One line for a bad input or a failed check (escaped: "[h, w]" in a message is no tag)."""
+    console.print("[bold red]error:[/]", escape(str(e)), highlight=False)
 
 
 def _duration(seconds: float | None) -> str:

@@ -27,6 +27,7 @@ from workbench.data import Rows, augment_batch, batch_mixer, per_image
 from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.models import Classifier, create_model
+from workbench.runtime import trim_memory
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -105,6 +106,7 @@ def fit(
         seen += steps_per_epoch * bs
         # 2) score the validation rows (plain cross-entropy: comparable across smoothing values)
         val_loss, val_acc = evaluate(model, val)
+        trim_memory()  # the evaluation's large batches: freed, and given back
         metrics = {
             "train_loss": loss_sum.item() / max(steps_per_epoch, 1),
             "val_loss": val_loss,

@@ -7,7 +7,6 @@ workbench worker FILE [--data PATH] [--index I]                 join a running s
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -15,10 +14,11 @@ import typer
 from rich.markup import escape
 
 from workbench import search
+from workbench.cli.processes import FORK, fork_workers, spawn_workers, work
 from workbench.cli.stages import ensemble_stage, report_stage, stage_timer
-from workbench.cli.workers import run_workers
+from workbench.cli.workers import Worker, run_workers
 from workbench.config import StudyConfig, load_study, resolved
-from workbench.console import best_table, console
+from workbench.console import best_table, console, print_error
 from workbench.data import ImageData, Split, cv_folds, load_data, load_or_make_split
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.files import atomic_write
@@ -26,7 +26,6 @@ from workbench.models import check_models
 from workbench.runtime import configure_threads, default_workers
 from workbench.store import RunStore
 from workbench.tracking import Tracker
-from workbench.train import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -36,7 +35,7 @@ TrialsOpt = Annotated[int | None, typer.Option("--trials", min=1, help="trials p
 
 
 def _fail(e: WorkbenchError) -> typer.Exit:
-    console.print("[bold red]error:[/]", escape(str(e)), highlight=False)  # "[h, w]" is no tag
+    print_error(e)
     return typer.Exit(2)
 
 
@@ -73,6 +72,7 @@ def study(
     ] = None,
 ) -> None:
     """Run the study: one Optuna search per model, each trial scored by k-fold CV."""
+    configure_threads(1)  # before any torch work: the forked workers inherit one thread
     try:
         cfg, ds, split = prepare(file, data, trials)
         console.print(
@@ -84,27 +84,18 @@ def study(
             RunStore(cfg.out).file("study.resolved.json"),
             lambda f: f.write(json.dumps(resolved(cfg), indent=2).encode()),
         )
-        storage = search.open_storage(cfg)
-        search.create_studies(cfg, storage)
-        tracker = Tracker(cfg)
-        for model in cfg.models:
-            tracker.study_run(model, create=True)
         n = workers or cfg.search.workers or default_workers()
-        status = "FAILED"
+        logs = RunStore(cfg.out).logs
+        procs: list[Worker] = (
+            list(fork_workers(cfg, ds, split, n, logs))  # now: no connection, thread or CUDA yet
+            if FORK
+            else list(spawn_workers(file, data, trials, n, logs))
+        )
         try:
-            with stage_timer(cfg, "search"):
-                interrupted = run_workers(cfg, file, data, trials, n, storage)
-            status = "KILLED" if interrupted else "FINISHED"
-        finally:  # the study runs end whatever happened: none is left RUNNING
-            rows = search.progress(cfg, storage)
-            for r in rows:
-                best = r.best_value if r.best_value is not None else float("nan")
-                summary = {
-                    "best_value": best,
-                    "trials_complete": r.complete,
-                    "trials_pruned": r.pruned,
-                }
-                tracker.end_study(model=r.model, summary=summary, status=status)
+            rows, interrupted, tracker = _search(cfg, procs)
+        finally:
+            for p in procs:
+                p.close()
         console.print()
         console.print(best_table(rows, cfg.cv.metric))
         if interrupted:
@@ -117,6 +108,30 @@ def study(
         report_stage(cfg, ds, split, tracker)
     except WorkbenchError as e:
         raise _fail(e) from None
+
+
+def _search(
+    cfg: StudyConfig, procs: list[Worker]
+) -> tuple[list[search.ModelProgress], bool, Tracker]:
+    """Create the studies and their MLflow runs, run the workers, end the runs."""
+    storage = search.open_storage(cfg)
+    search.create_studies(cfg, storage)
+    tracker = Tracker(cfg)
+    for model in cfg.models:
+        tracker.study_run(model, create=True)
+    status, interrupted = "FAILED", False
+    try:
+        with stage_timer(cfg, "search"):
+            interrupted = run_workers(cfg, procs, storage)
+        status = "KILLED" if interrupted else "FINISHED"
+    finally:  # the study runs end whatever happened: none is left RUNNING
+        rows = search.progress(cfg, storage)
+        for r in rows:
+            best = r.best_value if r.best_value is not None else float("nan")
+            summary = {"best_value": best, "trials_complete": r.complete, "trials_pruned": r.pruned}
+            tracker.end_study(model=r.model, summary=summary, status=status)
+        tracker.flush()
+    return rows, interrupted, tracker
 
 
 @app.command()
@@ -148,18 +163,11 @@ def worker(
 ) -> None:
     """Join the search of a study whose storage exists (from another shell or machine)."""
     configure_threads(1)
-    stop: list[bool] = []
-    signal.signal(signal.SIGINT, lambda s, f: stop.append(True))  # finish the epoch, then stop
     try:
         cfg, ds, split = prepare(file, data, trials)
-        search.run_worker(
-            cfg, ds, split, Tracker(cfg), worker=index, should_stop=lambda: bool(stop)
-        )
-    except Interrupted as e:
-        print(f"worker {index}: {e}", flush=True)
-        raise typer.Exit(130) from None
     except WorkbenchError as e:
         raise _fail(e) from None
+    raise typer.Exit(work(cfg, ds, split, index))
 
 
 def main() -> None:

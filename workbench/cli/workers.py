@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from types import FrameType
 
 import typer
 from rich.live import Live
 
 from workbench import search
+from workbench.cli.processes import Forked, Spawned
 from workbench.config import StudyConfig
 from workbench.console import console, progress_table
 from workbench.store import RunStore
 
+Worker = Forked | Spawned
 
-def run_workers(
-    cfg: StudyConfig,
-    file: Path,
-    data: str | None,
-    trials: int | None,
-    n: int,
-    storage: search.RDBStorage,
-) -> bool:
-    """Start n `workbench worker` processes and show progress until they end; True if Ctrl-C."""
+
+def run_workers(cfg: StudyConfig, procs: Sequence[Worker], storage: search.RDBStorage) -> bool:
+    """Start the workers and show progress until they end; True if Ctrl-C stopped them."""
+    n = len(procs)
     rows = search.progress(cfg, storage)
     if all(r.complete + r.pruned >= r.target for r in rows) and not search.pending_snapshots(
         cfg, storage
@@ -38,21 +32,8 @@ def run_workers(
         )
         return False
     logs = RunStore(cfg.out).logs
-    logs.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "workbench", "worker", str(file)]
-    argv += ["--data", data] if data else []
-    argv += ["--trials", str(trials)] if trials else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [*argv, "--index", str(i)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=(logs / f"worker-{i}.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(n)
-    ]
+    for p in procs:
+        p.start()
     stopping: list[bool] = []
 
     def on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -89,7 +70,7 @@ def run_workers(
     return bool(stopping)
 
 
-def _wait_a_second(procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_a_second(procs: Sequence[Worker]) -> None:
     """Up to 1 s between table refreshes, ending within 0.1 s of the last worker's exit (a
     1-s sleep added 0.5 s on average to every search stage)."""
     for _ in range(10):

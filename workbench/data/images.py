@@ -20,7 +20,7 @@ import torch
 
 from workbench.errors import DataError
 
-_STATS_VALUES = 1 << 24  # float32 values per step of channel_stats: 64 MB, whatever the size
+_STATS_VALUES = 1 << 21  # float32 values per step of channel_stats: 8 MB, whatever the size
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors/arrays have no single truth value

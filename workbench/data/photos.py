@@ -91,8 +91,8 @@ def _centre(size: tuple[int, int], target: tuple[int, int]) -> tuple[float, floa
     th, tw = target
     scale = max(th / h, tw / w)  # the image covers the target once scaled by this
     cw, ch = tw / scale, th / scale  # the kept region, in source pixels
-    left, top = (w - cw) / 2, (h - ch) / 2
-    return (left, top, left + cw, top + ch)
+    left, top = max((w - cw) / 2, 0.0), max((h - ch) / 2, 0.0)  # >= 0 despite rounding
+    return (left, top, min(left + cw, w), min(top + ch, h))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""Worker processes: forked from `workbench study` where the OS allows, spawned elsewhere.
+
+Forked (Linux): the parent has imported torch and the rest, opened the image store and made the
+split; each worker is a fork of it, held on a pipe until the parent has created the studies,
+then run in the same process image. A fork shares the parent's pages: `import torch` alone is
+~500 MB of proportional set size per process here (279 MB of it anonymous: relocated CUDA
+libraries, the operator registry), which spawned workers each paid again, with ~5 s of imports.
+The fork happens before the parent opens any database connection, MLflow client or thread, and
+before CUDA is touched (a CUDA context does not survive fork; each worker picks its device).
+
+Spawned (`python -m workbench worker FILE --index I`, logs the same): other systems, and the
+command another host runs to join a study.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench import search
+from workbench.config import StudyConfig
+from workbench.console import print_error
+from workbench.data import ImageData, Split, batch_mixer, per_image
+from workbench.errors import WorkbenchError
+from workbench.models import create_model
+from workbench.runtime import configure_threads, trim_memory
+from workbench.tracking import Tracker
+from workbench.train import Interrupted
+
+FORK = sys.platform == "linux"  # macOS frameworks and Windows do not allow fork after imports
+
+
+def work(cfg: StudyConfig, data: ImageData, split: Split, index: int) -> int:
+    """One worker's search, in this process; returns its exit code (0, 130 Ctrl-C, 2, 1)."""
+    configure_threads(1)
+    stop: list[bool] = []
+    signal.signal(signal.SIGINT, lambda s, f: stop.append(True))  # finish the epoch, then stop
+    try:
+        search.run_worker(
+            cfg, data, split, Tracker(cfg), worker=index, should_stop=lambda: bool(stop)
+        )
+        return 0
+    except Interrupted as e:
+        print(f"worker {index}: {e}", flush=True)
+        return 130
+    except WorkbenchError as e:
+        print_error(e)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class Forked:
+    """A worker forked from this process, waiting on a pipe until `start`."""
+
+    def __init__(self, pid: int, go: int) -> None:
+        self.pid, self._go, self.started = pid, go, False
+        self.returncode: int | None = None
+
+    def start(self) -> None:
+        os.write(self._go, b"1")
+        os.close(self._go)
+        self._go, self.started = -1, True
+
+    def close(self) -> None:
+        """Let go of the pipe: a worker not started reads its end, exits with 0, is reaped."""
+        if self._go >= 0:
+            os.close(self._go)
+            self._go = -1
+            self.wait()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def fork_workers(
+    cfg: StudyConfig, data: ImageData, split: Split, n: int, logs: Path
+) -> list[Forked]:
+    """n workers forked now, each held until its `start` (or let go by `close`)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    _warm_up(cfg, data)
+    gc.collect()
+    trim_memory()  # what decoding and the warm-up freed: not inherited by every worker
+    gc.freeze()  # the collector leaves the objects made so far alone: their pages stay shared
+    workers: list[Forked] = []
+    for i in range(n):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(write)
+                for w in workers:  # the earlier workers' pipes: theirs, not ours to hold open
+                    os.close(w._go)
+                code = _held(cfg, data, split, i, read, logs / f"worker-{i}.log")
+            finally:
+                os._exit(code)  # never the parent's atexit handlers or finalisers
+        os.close(read)
+        workers.append(Forked(pid, write))
+    return workers
+
+
+def _warm_up(cfg: StudyConfig, data: ImageData) -> None:
+    """Import, before forking, what every worker imports in its first trial, so that the
+    workers share it: an optimizer imports torch._dynamo (+113 MB PSS here), a resnet or a v2
+    augmentation torchvision (+280 MB, 3 s). One step of each model on two images does it."""
+    v2_keys = {"crop_scale", "rotation", "color_jitter", "auto_augment", "erasing"}
+    v2_keys |= {"mixup", "cutmix"}
+    for name, spec in cfg.models.items():
+        net = create_model(spec.arch or name, data.num_classes, data.in_shape)
+        optimizer = torch.optim.AdamW(net.parameters())
+        net(data.images(np.arange(min(2, len(data.y))))).sum().backward()
+        optimizer.step()
+        if v2_keys & (set(spec.params) | set(spec.space)):
+            import torchvision.transforms.v2  # noqa: F401
+    per_image(cfg.data.augment, data.in_shape[1:])
+    batch_mixer(cfg.data.augment, data.num_classes)
+
+
+def _held(cfg: StudyConfig, data: ImageData, split: Split, index: int, go: int, log: Path) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides while we wait
+    started = os.read(go, 1)
+    os.close(go)
+    if not started:  # the parent let go: nothing to run, or it stopped
+        return 0
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    return work(cfg, data, split, index)
+
+
+class Spawned:
+    """A `python -m workbench worker` process, started by `start`."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv, self.log = argv, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    def poll(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def wait(self) -> int:
+        return 0 if self.proc is None else self.proc.wait()
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+def spawn_workers(
+    file: Path, data: str | None, trials: int | None, n: int, logs: Path
+) -> list[Spawned]:
+    logs.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "workbench", "worker", str(file)]
+    argv += ["--data", data] if data else []
+    argv += ["--trials", str(trials)] if trials else []
+    return [Spawned([*argv, "--index", str(i)], logs / f"worker-{i}.log") for i in range(n)]
