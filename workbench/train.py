@@ -30,6 +30,10 @@ from workbench.models import Classifier, create_model
 from workbench.runtime import trim_memory
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# images per inference batch. Measured here, 2,048 images through a cnn (width 32, depth 2), 1
+# thread: 256 took 79 / 1,008 / 1,510 ms at 8x8 / 28x28 / 3x32x32, 1,024 took 104 / 1,737 /
+# 2,357 ms; and a 2-worker study's peak memory fell by ~170 MB (PSS summed).
+EVAL_BATCH = 256
 
 
 class Interrupted(Exception):
@@ -149,14 +153,16 @@ def evaluate(model: nn.Module, rows: Rows) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, x: Rows | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+def predict_proba(
+    model: nn.Module, x: Rows | torch.Tensor, batch_size: int = EVAL_BATCH
+) -> np.ndarray:
     """Class probabilities (rows sum to 1) as float64 numpy, shape (rows, classes); `x` is a
     row view or float images in [0, 1]."""
     rows = x if isinstance(x, Rows) else Rows.of(x, torch.zeros(len(x), dtype=torch.int64))
     return torch.softmax(_logits(model, rows, batch_size).double(), dim=1).cpu().numpy()
 
 
-def _logits(model: nn.Module, rows: Rows, batch_size: int = 1024) -> torch.Tensor:
+def _logits(model: nn.Module, rows: Rows, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     with _autocast(device):
