@@ -205,6 +205,10 @@ class TrainConfig(_Frozen):
     grad_clip: float = Field(0.0, ge=0.0)  # max global gradient norm; 0 = off
     patience: int = Field(0, ge=0)  # early stop after this many epochs without val-loss gain
     class_weights: bool = False  # weight the loss by inverse class frequency
+    # pretrained backbones: the head alone for the first epochs (the backbone's BatchNorm kept in
+    # eval mode meanwhile), then everything at lr * backbone_lr_scale for the backbone
+    freeze_epochs: int = Field(0, ge=0)
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _cycles_fit(self) -> TrainConfig:

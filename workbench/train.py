@@ -84,6 +84,8 @@ def fit(
     for epoch in range(cfg.epochs):
         # 1) one pass over the training rows in a fresh random order
         model.train()
+        if cfg.freeze_epochs:
+            _freeze(model, frozen=epoch < cfg.freeze_epochs)
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen)
         loss_sum = torch.zeros((), device=device)
@@ -182,16 +184,34 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One parameter group, or two for a backbone: its own at lr * backbone_lr_scale."""
+    backbone = model.backbone_parameters()
+    ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(),
+            groups,
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _freeze(model: Classifier, frozen: bool) -> None:
+    """While frozen, the backbone has no gradients and its BatchNorm layers keep their running
+    statistics (eval mode); only the head learns."""
+    for p in model.backbone_parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        for m in model.backbone_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _schedule(
@@ -201,7 +221,8 @@ def _schedule(
     total = max(cfg.epochs * steps_per_epoch, 1)
     sched = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle" and total >= 8:  # torch's warm-up needs >= 2 steps of 25 %
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+        peaks = [group["lr"] for group in optimizer.param_groups]  # a backbone's is scaled
+        return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25)
     if cfg.schedule == "onecycle":  # a run this short has no room to warm up: anneal only
         return sched.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.schedule == "cosine":
@@ -243,8 +264,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
     """Rebuild a model from its checkpoint alone (architecture, shapes, normalisation, weights)."""
     state, meta = load_checkpoint(path)
-    model = create_model(
-        meta["arch"], meta["num_classes"], tuple(meta["in_shape"]), **meta["hparams"]
-    )
+    hparams = dict(meta["hparams"])
+    if "weights" in hparams:  # a fine-tuned backbone: every tensor is in the checkpoint
+        hparams["weights"] = ""
+    model = create_model(meta["arch"], meta["num_classes"], tuple(meta["in_shape"]), **hparams)
     model.load_state_dict(state)
     return model.to(device).eval()
