@@ -17,15 +17,6 @@ from workbench.models import create_model
 from workbench.models.backbones import MIN_SIZE
 from workbench.train import fit, load_model, save_checkpoint
 
-BACKBONES = [
-    "resnet18",
-    "resnet50",
-    "vgg16_bn",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "convnext_tiny",
-]
-
 
 def weights_file(path: Path, arch: str = "resnet18", seed: int = 0) -> Path:
     torch.manual_seed(seed)
@@ -130,16 +121,13 @@ def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path: Path) -> None:
         torch.testing.assert_close(load_model(ckpt)(x), model(x))
 
 
-@pytest.mark.parametrize("arch", BACKBONES)
-def test_every_backbone_trains_at_a_small_input(arch: str) -> None:
-    torch.manual_seed(0)
-    model = create_model(arch, 7, (1, 12, 12))  # random weights, grey 12x12: upsized to 32
-    assert model.min_size == MIN_SIZE
-    out = model(torch.rand(2, 1, 12, 12))
-    assert out.shape == (2, 7) and torch.isfinite(out).all()
-    out.logsumexp(1).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, missing
+def test_small_inputs_are_upsized_to_what_the_backbone_needs() -> None:
+    model = create_model("convnext_tiny", 7, (1, 12, 12))  # random weights, grey 12x12
+    assert model.min_size == MIN_SIZE == 32
+    seen: list[tuple[int, ...]] = []
+    model.net.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    assert model(torch.rand(2, 1, 12, 12)).shape == (2, 7)
+    assert seen == [(2, 1, 32, 32)]
 
 
 STUDY = """

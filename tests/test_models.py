@@ -1,4 +1,5 @@
-"""Every registered model: shapes, finite outputs, a gradient on every parameter (timm-style)."""
+"""Every registered model: shapes, finite outputs, a gradient on every parameter (timm-style).
+The torchvision backbones run here with random weights (tests/test_backbones.py loads files)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from workbench.errors import ConfigError
 from workbench.models import create_model, list_models, model_hparams
 
 SHAPES = [(1, 8, 8), (3, 32, 32), (1, 28, 28)]
+SMALL = ["cnn", "mlp", "resnet"]  # trained from scratch: width, depth and dropout searchable
 
 
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("in_shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_model_forward_backward(name: str, in_shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
+    small = {"width": 8} if name in SMALL else {}  # backbones: any input, upsized to >= 32 px
     model = create_model(
-        name, 7, in_shape, mean=[0.5] * in_shape[0], std=[0.25] * in_shape[0], width=8
+        name, 7, in_shape, mean=[0.5] * in_shape[0], std=[0.25] * in_shape[0], **small
     )
     x = torch.rand(4, *in_shape)
     out = model(x)
@@ -27,7 +30,20 @@ def test_model_forward_backward(name: str, in_shape: tuple[int, int, int]) -> No
         assert p.grad is not None, f"No gradient for {n}"
 
 
-@pytest.mark.parametrize("name", list_models())
+def test_the_registry_holds_the_small_networks_and_six_backbones() -> None:
+    backbones = [
+        "convnext_tiny",
+        "efficientnet_b0",
+        "mobilenet_v3_small",
+        "resnet18",
+        "resnet50",
+        "vgg16_bn",
+    ]
+    assert list_models() == sorted(SMALL + backbones)
+    assert all(model_hparams(b) == ["weights"] for b in backbones)
+
+
+@pytest.mark.parametrize("name", SMALL)
 def test_width_depth_dropout_are_hyperparameters(name: str) -> None:
     assert {"width", "depth", "dropout"} <= set(model_hparams(name))
     small = create_model(name, 10, (1, 8, 8), width=8)
@@ -47,7 +63,7 @@ def test_unknown_model_and_keyword_are_errors() -> None:
     with pytest.raises(
         ConfigError,
         match=r"Unknown model 'cnnn'; did you mean 'cnn'\? "
-        r"registered models: \['cnn', 'mlp', 'resnet'\]",
+        r"registered models: \['cnn', 'convnext_tiny', 'efficientnet_b0', ",
     ):
         create_model("cnnn", 10, (1, 8, 8))
     with pytest.raises(ConfigError, match=r"model 'mlp' has no hyperparameter\(s\) \['kernel'\]"):
