@@ -188,6 +188,8 @@ class SearchConfig(_Frozen):
     percentile: float = Field(25.0, gt=0.0, lt=100.0)  # for pruner = "percentile"
     storage: str | None = None  # Optuna RDB URL; default sqlite in the output folder
     heartbeat: int = Field(10, ge=1)  # s between a running trial's heartbeats; stale after 3 missed
+    # with GPUs: workers default to (GPUs x workers_per_gpu), worker i on GPU i mod GPUs
+    workers_per_gpu: int = Field(1, ge=1)
 
 
 class TrainConfig(_Frozen):
@@ -208,6 +210,9 @@ class TrainConfig(_Frozen):
     # pretrained backbones: the head alone for the first epochs (the backbone's BatchNorm kept in
     # eval mode meanwhile), then everything at lr * backbone_lr_scale for the backbone
     freeze_epochs: int = Field(0, ge=0)
+    # mixed precision on CUDA (the CPU always trains in float32): bf16 autocast, fp16 autocast
+    # with a gradient scaler, or off
+    amp: Literal["bf16", "fp16", "off"] = "bf16"
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
 
     @model_validator(mode="after")

@@ -83,13 +83,14 @@ class CrossValidator:
     events: Events = field(default_factory=Events)
     should_stop: Callable[[], bool] = lambda: False
     store: RunStore | None = None  # default: the study's local store
+    worker: int = 0  # the worker's index: which GPU it trains on (i mod the number of GPUs)
 
     def __post_init__(self) -> None:
         self.run_store = self.store or RunStore(self.cfg.out)
         self.rows = self.data.rows(self.split.train_idx)  # a view: folds are index arrays
         self.y = self.rows.labels
         self.folds = cv_folds(self.y.numpy(), self.cfg.cv.folds, self.cfg.seed)
-        self.device = select_device(self.cfg.device)
+        self.device = select_device(self.cfg.device, self.worker)
         self.arch = self.cfg.models[self.model].arch or self.model
 
     def max_epochs(self) -> int:
@@ -212,14 +213,14 @@ class CrossValidator:
             ckpt = save_checkpoint(self.run_store.checkpoint(out, k), net, meta)
             digest, size = file_digest(ckpt)
             self.events.emit(CheckpointWritten(ref, k, ckpt.resolve().as_uri(), digest, size))
-            proba = predict_proba(net, val)
+            proba = predict_proba(net, val, amp=configs[0].amp)
             snaps = []
             if len(result.snapshots) > 1:  # one cycle is the run itself: no snapshot ensemble
                 for m, state in enumerate(result.snapshots):
                     net.load_state_dict(state)
                     path = self.run_store.checkpoint(self.run_store.snapshot(out, m), k)
                     save_checkpoint(path, net, {**meta, "snapshot": m})
-                    snaps.append(predict_proba(net, val))
+                    snaps.append(predict_proba(net, val, amp=configs[0].amp))
             snap_proba = np.stack(snaps) if snaps else np.empty((0, *proba.shape))
             record = FoldRecord(va, proba, snap_proba, result.history, result.best_epoch)
             self.run_store.write_fold(out, k, record)

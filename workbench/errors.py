@@ -23,5 +23,9 @@ class CheckpointError(WorkbenchError, OSError):
     """A checkpoint or out-of-fold file is missing, truncated or corrupt."""
 
 
+class TrainingError(WorkbenchError, RuntimeError):
+    """A trial cannot train as configured on this machine (a CUDA out-of-memory error)."""
+
+
 class StorageError(WorkbenchError, RuntimeError):
     """The Optuna storage cannot be reached, or holds a study the study file no longer matches."""

@@ -40,17 +40,26 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+def gpu_count() -> int:
+    """CUDA devices visible. torch counts them through NVML where it can, which leaves CUDA
+    uninitialised: the parent may still fork its workers after asking."""
+    return torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
+
+
+def select_device(name: str = "auto", worker: int = 0) -> torch.device:
+    """'auto' picks a GPU when there is one, else the CPU; worker i gets GPU i mod the number of
+    GPUs, so several workers per GPU share them evenly. 'cuda' without a GPU is an error."""
+    gpus = gpu_count() if name != "cpu" else 0
+    if name == "cuda" and gpus == 0:
         raise RuntimeError("device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return torch.device(name)
+    return torch.device(f"cuda:{worker % gpus}") if gpus else torch.device("cpu")
 
 
-def default_workers() -> int:
-    """One worker per core the process may use."""
+def default_workers(device: str = "auto", per_gpu: int = 1) -> int:
+    """One worker per core the process may use; with GPUs, `per_gpu` workers on each."""
+    gpus = gpu_count() if device != "cpu" else 0
+    if gpus:
+        return gpus * per_gpu
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from workbench.config import AugmentConfig, TrainConfig
 from workbench.data import Rows, augment_batch, batch_mixer, per_image
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, TrainingError
 from workbench.files import atomic_write
 from workbench.models import Classifier, create_model
 from workbench.runtime import trim_memory
@@ -74,6 +74,8 @@ def fit(
     n, bs = len(train), min(cfg.batch_size, len(train))
     steps_per_epoch = n // bs  # drop the ragged last batch: a batch of 1 breaks BatchNorm
     optimizer = _optimizer(model, cfg)
+    # fp16 needs its gradients scaled (bf16 has float32's range); disabled, the scaler is a no-op
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
     schedule = _schedule(optimizer, cfg, steps_per_epoch)
     weight = _class_weights(y, model.num_classes) if cfg.class_weights else None
     cycle_epochs = cfg.epochs // cfg.cycles if cfg.schedule == "cosine_restarts" else 0
@@ -97,21 +99,26 @@ def fit(
             if mixer is not None:
                 xb, target = mixer(xb, target)
             xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                loss = F.cross_entropy(
-                    model(xb), target, weight=weight, label_smoothing=cfg.label_smoothing
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                with _autocast(device, cfg.amp):
+                    loss = F.cross_entropy(
+                        model(xb), target, weight=weight, label_smoothing=cfg.label_smoothing
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            except torch.OutOfMemoryError:
+                raise _out_of_memory(device, cfg.batch_size, xb.shape[1:]) from None
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             loss_sum += loss.detach()
         t_train += time.perf_counter() - t0
         seen += steps_per_epoch * bs
         # 2) score the validation rows (plain cross-entropy: comparable across smoothing values)
-        val_loss, val_acc = evaluate(model, val)
+        val_loss, val_acc = evaluate(model, val, cfg.amp)
         trim_memory()  # the evaluation's large batches: freed, and given back
         metrics = {
             "train_loss": loss_sum.item() / max(steps_per_epoch, 1),
@@ -145,9 +152,9 @@ def fit(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, rows: Rows) -> tuple[float, float]:
+def evaluate(model: nn.Module, rows: Rows, amp: str = "bf16") -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` on `rows`."""
-    logits = _logits(model, rows)
+    logits = _logits(model, rows, amp=amp)
     y = rows.labels.to(logits.device)
     loss = F.cross_entropy(logits.float(), y)
     acc = (logits.argmax(1) == y).float().mean()
@@ -156,22 +163,27 @@ def evaluate(model: nn.Module, rows: Rows) -> tuple[float, float]:
 
 @torch.inference_mode()
 def predict_proba(
-    model: nn.Module, x: Rows | torch.Tensor, batch_size: int = EVAL_BATCH
+    model: nn.Module, x: Rows | torch.Tensor, batch_size: int = EVAL_BATCH, amp: str = "bf16"
 ) -> np.ndarray:
     """Class probabilities (rows sum to 1) as float64 numpy, shape (rows, classes); `x` is a
     row view or float images in [0, 1]."""
     rows = x if isinstance(x, Rows) else Rows.of(x, torch.zeros(len(x), dtype=torch.int64))
-    return torch.softmax(_logits(model, rows, batch_size).double(), dim=1).cpu().numpy()
+    return torch.softmax(_logits(model, rows, batch_size, amp).double(), dim=1).cpu().numpy()
 
 
-def _logits(model: nn.Module, rows: Rows, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def _logits(
+    model: nn.Module, rows: Rows, batch_size: int = EVAL_BATCH, amp: str = "bf16"
+) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
-    with _autocast(device):
-        out = [
-            model(xb.contiguous(memory_format=torch.channels_last))
-            for xb in rows.chunks(batch_size, device)
-        ]
+    try:
+        with _autocast(device, amp):
+            out = [
+                model(xb.contiguous(memory_format=torch.channels_last))
+                for xb in rows.chunks(batch_size, device)
+            ]
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(device, batch_size, rows.shape) from None
     return torch.cat(out).float()
 
 
@@ -179,9 +191,22 @@ def _as_rows(data: Rows | tuple[torch.Tensor, torch.Tensor]) -> Rows:
     return data if isinstance(data, Rows) else Rows.of(*data)
 
 
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; a no-op on the CPU, where it is slower for these small models."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, amp: str = "bf16") -> Any:
+    """bf16 or fp16 autocast on CUDA; a no-op on the CPU, where it is slower for these models."""
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda" and amp != "off")
+
+
+def _out_of_memory(device: torch.device, batch: int, shape: Any) -> TrainingError:
+    """The trial fails with what to change; the worker goes on to its next trial."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    c, h, w = (int(v) for v in shape)
+    return TrainingError(
+        f"CUDA out of memory on {device} at batch_size = {batch} of {c}x{h}x{w} images; lower "
+        f"train.batch_size (or data.image_size), set search.workers_per_gpu = 1, or train.amp "
+        f'= "bf16"'
+    )
 
 
 def _optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:

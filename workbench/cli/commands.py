@@ -23,7 +23,7 @@ from workbench.data import ImageData, Split, cv_folds, load_data, load_or_make_s
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_models
-from workbench.runtime import configure_threads, default_workers
+from workbench.runtime import configure_threads, default_workers, gpu_count
 from workbench.store import RunStore
 from workbench.tracking import Tracker
 
@@ -84,11 +84,12 @@ def study(
             RunStore(cfg.out).file("study.resolved.json"),
             lambda f: f.write(json.dumps(resolved(cfg), indent=2).encode()),
         )
-        n = workers or cfg.search.workers or default_workers()
+        n = workers or cfg.search.workers
+        n = n or default_workers(cfg.device, cfg.search.workers_per_gpu)
         logs = RunStore(cfg.out).logs
         procs: list[Worker] = (
             list(fork_workers(cfg, ds, split, n, logs))  # now: no connection, thread or CUDA yet
-            if FORK
+            if FORK and (cfg.device == "cpu" or gpu_count() == 0)  # CUDA: fresh processes
             else list(spawn_workers(file, data, trials, n, logs))
         )
         try:

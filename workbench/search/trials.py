@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from workbench.config import Choice, IntRange, Param, StudyConfig
 from workbench.cv import CrossValidator, Pruned, Report, run_state
 from workbench.data import ImageData, Split
-from workbench.errors import CheckpointError, StorageError
+from workbench.errors import CheckpointError, StorageError, TrainingError
 from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
 from workbench.search.snapshots import is_surplus_snapshot, queue_snapshot
@@ -241,7 +241,9 @@ def _work(
 
     # one CrossValidator per model (it holds the model's training rows and folds), shared by
     # the model's search trials and its snapshot run
-    cvs = {m: CrossValidator(cfg, m, data, split, events, should_stop, store) for m in names}
+    cvs = {
+        m: CrossValidator(cfg, m, data, split, events, should_stop, store, worker) for m in names
+    }
 
     def objective(m: str, snapshots: bool = False) -> Objective:
         return Objective(cvs[m], tracker, worker, snapshots=snapshots)
@@ -300,7 +302,7 @@ def _run_one(study: optuna.Study, objective: Objective) -> FrozenTrial | None:
         study.optimize(
             objective,
             n_trials=1,
-            catch=(OSError, CheckpointError, Surplus),
+            catch=(OSError, CheckpointError, TrainingError, Surplus),
             callbacks=[lambda _, trial: ended.append(trial)],
         )
     except ValueError:  # Optuna's "Cannot tell a FAIL trial": another worker failed it
