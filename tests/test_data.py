@@ -377,3 +377,15 @@ def test_per_image_steps_give_each_image_its_own_draw() -> None:
     assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert len({out[i].numpy().tobytes() for i in range(6)}) == 6  # not one draw per batch
     assert torch.equal(x, before)  # the batch drawn from the store is not changed in place
+
+
+def test_rows_gather_batches_by_index_as_float_in_unit_range() -> None:
+    pixels = torch.arange(5 * 1 * 2 * 2, dtype=torch.uint8).reshape(5, 1, 2, 2) * 10
+    rows = ImageData(pixels, torch.tensor([0, 1, 0, 1, 0]), ("a", "b"), "t").rows([4, 1, 3])
+    sub = rows.subset([2, 0])  # rows 3 and 4 of the array
+    assert sub.labels.tolist() == [1, 0] and len(sub) == 2
+    batch = sub.batch(torch.tensor([1, 0]))
+    assert batch.dtype == torch.float32
+    np.testing.assert_allclose(batch.numpy(), pixels[[4, 3]].numpy() / 255.0, rtol=1e-6)
+    moved = sub.to("cpu")  # on a GPU host: the whole array copied there once
+    assert torch.equal(moved.batch(torch.tensor([1, 0])), batch)

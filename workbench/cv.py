@@ -45,6 +45,14 @@ from workbench.train import Interrupted, fit, predict_proba, save_checkpoint
 Report = Callable[[int, int, dict[str, float]], None]
 
 
+def _fits_on(device: Any, pixels: Any) -> bool:
+    """The whole uint8 array fits in a quarter of the GPU's free memory: it moves there once."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return bool(pixels.numel() * pixels.element_size() < free / 4)
+
+
 class Pruned(Exception):
     """Raised by a `Report` hook: this configuration is hopeless, stop training it."""
 
@@ -91,6 +99,8 @@ class CrossValidator:
         self.y = self.rows.labels
         self.folds = cv_folds(self.y.numpy(), self.cfg.cv.folds, self.cfg.seed)
         self.device = select_device(self.cfg.device, self.worker)
+        if self.device.type == "cuda" and _fits_on(self.device, self.data.pixels):
+            self.rows = self.rows.to(self.device)  # one copy: batches gathered on the GPU
         self.arch = self.cfg.models[self.model].arch or self.model
 
     def max_epochs(self) -> int:

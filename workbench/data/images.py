@@ -99,10 +99,15 @@ class Rows:
         """The rows at `positions` of this view (e.g. a fold inside the training rows)."""
         return Rows(self.pixels, self.y, self.index[torch.as_tensor(positions).long()], self.scale)
 
+    def to(self, device: torch.device | str) -> Rows:
+        """The same rows over a copy of the whole pixel array on `device` (a GPU it fits on)."""
+        return Rows(self.pixels.to(device), self.y, self.index, self.scale)
+
     def batch(self, positions: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Float32 (B, C, H, W) in [0, 1] on `device`: gathered as uint8, converted there."""
-        raw = self.pixels[self.index[positions.cpu()]]
-        if raw.dtype == torch.uint8 and torch.device(device).type == "cuda":
+        raw = self.pixels[self.index[positions.cpu()].to(self.pixels.device)]
+        on_cpu = raw.device.type == "cpu"
+        if on_cpu and raw.dtype == torch.uint8 and torch.device(device).type == "cuda":
             raw = raw.pin_memory().to(device, non_blocking=True)  # a quarter of float's bytes
         out = raw.to(device=device, dtype=torch.float32)
         return out.div_(self.scale) if self.scale != 1.0 else out
