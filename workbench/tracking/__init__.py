@@ -1,6 +1,6 @@
 """The MLflow record of a study: only this package imports mlflow (see runs.py for its shape)."""
 
 from workbench.tracking.listener import FoldRuns
-from workbench.tracking.runs import STATUS, Tracker, artifact_root, flatten, tracking_uri
+from workbench.tracking.runs import STATUS, Tracker, artifact_root, flatten, preload, tracking_uri
 
-__all__ = ["STATUS", "FoldRuns", "Tracker", "artifact_root", "flatten", "tracking_uri"]
+__all__ = ["STATUS", "FoldRuns", "Tracker", "artifact_root", "flatten", "preload", "tracking_uri"]

@@ -41,6 +41,16 @@ BATCH_METRICS = 1000
 WRITER = Writer()  # one per process, shared by its trackers: a flush waits for all of them
 
 
+def preload(cfg: StudyConfig) -> None:
+    """Import MLflow's client and stores without connecting (no thread, no socket): a parent
+    about to fork its workers does it once, for all of them (2.5 s and 74 MB a process here)."""
+    if cfg.tracking.enabled:
+        import mlflow.entities
+        import mlflow.store.tracking.rest_store
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        from mlflow import MlflowClient  # noqa: F401
+
+
 class Tracker:
     """Everything a study sends to MLflow; one instance per process."""
 
