@@ -22,6 +22,7 @@ def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Pat
     assert (out / "study.resolved.json").exists() and (out / "split.npz").exists()
 
     check_report_matches_the_stored_results(tmp_path / "reports" / "tiny.html", study, out)
+    check_predict_on_grey_digits(tiny_file, tmp_path, out)
 
     again = run_cli("study", str(tiny_file), "--workers", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -29,6 +30,40 @@ def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Pat
     assert len(optuna.load_study(study_name="tiny/mlp", storage=study._storage).trials) == len(
         study.trials
     )
+
+
+def check_predict_on_grey_digits(study_file: Path, tmp_path: Path, out: Path) -> None:
+    """The digits model takes 1x8x8 images: 8x8 grey PNGs are predicted as pixels / 255; a
+    file of another size is an error naming it and the size the model takes."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from workbench.export import FinalEnsemble
+
+    digits = load_digits()
+    folder = tmp_path / "new"
+    folder.mkdir()
+    grey = np.rint(digits.images[:6] * 255 / 16).astype(np.uint8)
+    for i, img in enumerate(grey):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    table = tmp_path / "digits.csv"
+    result = run_cli(
+        "predict", str(study_file), str(folder / "*.png"), "--out", str(table), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert [Path(r["path"]).name for r in rows] == [f"{i}.png" for i in range(6)]
+    final = FinalEnsemble.load(out / "ensemble" / "final")
+    expected = final.predict_proba(grey[:, None] / 255.0)
+    got = np.array([[float(r[f"p_{c}"]) for c in final.classes] for r in rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert [r["label"] for r in rows] == [final.classes[k] for k in expected.argmax(1)]
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(folder / "tall.png")
+    bad = run_cli("predict", str(study_file), str(folder), cwd=tmp_path)
+    assert bad.returncode == 2 and "tall.png is 9x8, but the model takes 8x8 images" in bad.stdout
 
 
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:

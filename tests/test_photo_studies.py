@@ -104,6 +104,47 @@ def check_ran_end_to_end(tmp_path: Path, name: str, classes: tuple[str, ...]) ->
     return final
 
 
+def check_predict_matches_the_training_inputs(
+    tmp_path: Path, file: Path, photos: Path, out: Path
+) -> None:
+    """`workbench predict` on the training photos: each file prepared as the store prepared it,
+    so the probabilities are the final model's on the store's own pixels."""
+    import csv
+
+    from workbench.export import FinalEnsemble
+
+    (photos / "zero" / "notes.txt").write_text("not an image")
+    table = tmp_path / "predictions.csv"
+    result = run_cli(
+        "predict",
+        str(file),
+        str(photos),
+        "--out",
+        str(table),
+        "--labels-from-folders",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped" in result.stdout and "notes.txt" in result.stdout
+    rows = list(csv.DictReader(table.open()))
+    classes = sorted(CLASSES)
+    assert list(rows[0]) == ["path", "label", "probability", "true_label"] + [
+        f"p_{c}" for c in classes
+    ]
+    (npy,) = (out / "images").glob("*.npy")
+    pixels = np.load(npy)
+    assert len(rows) == len(pixels)  # every image, in the store's order, the text file left out
+    expected = FinalEnsemble.load(out / "ensemble" / "final").predict_proba(pixels / 255.0)
+    got = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert [r["true_label"] for r in rows] == [Path(r["path"]).parent.name for r in rows]
+    accuracy = np.mean([r["label"] == r["true_label"] for r in rows])
+    assert f"accuracy {accuracy:.2%} on {len(rows)} labelled images" in result.stdout
+    (photos / "zero" / "notes.txt").unlink()
+    empty = run_cli("predict", str(file), str(tmp_path / "nothing*.png"), cwd=tmp_path)
+    assert empty.returncode == 2 and "no files to predict" in empty.stdout
+
+
 def test_a_folder_of_mixed_photos_runs_end_to_end_and_bad_input_changes_nothing(
     tmp_path: Path,
 ) -> None:
@@ -125,6 +166,7 @@ def test_a_folder_of_mixed_photos_runs_end_to_end_and_bad_input_changes_nothing(
     }
     out = tmp_path / "runs" / "photos"
     assert len(list((out / "images").glob("*.npy"))) == 1  # decoded once, by the parent
+    check_predict_matches_the_training_inputs(tmp_path, file, photos, out)
     before = tree_digest(out)
 
     # 1) a file that cannot be decoded: named, with the fix

@@ -112,3 +112,18 @@ def ensemble_table(results: dict[str, Any]) -> Table:
             delta,
         )
     return table
+
+
+def labels_table(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> Table:
+    """Accuracy and the confusion matrix (rows: true class, columns: predicted) of predictions."""
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    acc = accuracy_score(truth, predicted)
+    matrix = confusion_matrix(truth, predicted, labels=list(classes))
+    table = Table(title=f"accuracy {acc:.2%} on {len(truth)} labelled images (rows: true class)")
+    table.add_column("true \\ predicted")
+    for c in classes:
+        table.add_column(escape(c), justify="right")
+    for c, row in zip(classes, matrix, strict=True):
+        table.add_row(escape(c), *(str(int(v)) for v in row))
+    return table

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class FinalEnsemble:
     state: dict[str, Any]  # the combiner's rule (workbench/ensemble/rule.py)
     classes: list[str]
     in_shape: tuple[int, int, int]
+    preprocess: dict[str, Any] = field(default_factory=dict)  # how files became training inputs
 
     def __post_init__(self) -> None:
         self.rule = fitted_rule(self.state, len(self.classes))
@@ -73,7 +74,12 @@ class FinalEnsemble:
             for i in range(len(meta["members"]))
         ]
         return cls(
-            members, meta["members"], meta["combiner"], meta["classes"], tuple(meta["in_shape"])
+            members,
+            meta["members"],
+            meta["combiner"],
+            meta["classes"],
+            tuple(meta["in_shape"]),
+            meta.get("preprocess", {}),
         )
 
 
