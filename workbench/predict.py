@@ -20,8 +20,8 @@ import numpy as np
 from workbench.data.photos import BadImage, Policy, decode
 from workbench.errors import DataError
 from workbench.export import FinalEnsemble
+from workbench.train import EVAL_BATCH
 
-BATCH = 256  # images per forward pass (workbench.train.EVAL_BATCH's measurements)
 _LUMA = np.array([299, 587, 114]) / 1000  # ITU-R 601-2, as PIL's convert("L")
 
 
@@ -109,7 +109,7 @@ def predict_files(
         x = (x @ _LUMA)[None] if c == 1 else x.transpose(2, 0, 1)
         batch.append(x.astype(np.float32))
         kept.append(str(f))
-        if len(batch) == BATCH:
+        if len(batch) == EVAL_BATCH:
             flush()
     flush()
     if not kept:

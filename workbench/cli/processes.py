@@ -28,7 +28,7 @@ import torch
 from workbench import search, tracking
 from workbench.config import StudyConfig
 from workbench.console import print_error
-from workbench.data import ImageData, Split, batch_mixer, per_image
+from workbench.data import V2_KEYS, ImageData, Split, batch_mixer, per_image
 from workbench.errors import WorkbenchError
 from workbench.models import create_model
 from workbench.runtime import configure_threads, trim_memory
@@ -133,14 +133,12 @@ def _warm_up(cfg: StudyConfig, data: ImageData) -> None:
     """Import, before forking, what every worker imports in its first trial, so that the
     workers share it: an optimizer imports torch._dynamo (+113 MB PSS here), a resnet or a v2
     augmentation torchvision (+280 MB, 3 s). One step of each model on two images does it."""
-    v2_keys = {"crop_scale", "rotation", "color_jitter", "auto_augment", "erasing"}
-    v2_keys |= {"mixup", "cutmix"}
     for name, spec in cfg.models.items():
         net = create_model(spec.arch or name, data.num_classes, data.in_shape)
         optimizer = torch.optim.AdamW(net.parameters())
         net(data.images(np.arange(min(2, len(data.y))))).sum().backward()
         optimizer.step()
-        if v2_keys & (set(spec.params) | set(spec.space)):
+        if V2_KEYS & (set(spec.params) | set(spec.space)):
             import torchvision.transforms.v2  # noqa: F401
     per_image(cfg.data.augment, data.in_shape[1:])
     batch_mixer(cfg.data.augment, data.num_classes)

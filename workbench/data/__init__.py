@@ -1,6 +1,6 @@
 """Data: sources decoded once into a uint8 image store, row views, split, folds, augmentation."""
 
-from workbench.data.augment import augment_batch, batch_mixer, per_image
+from workbench.data.augment import V2_KEYS, augment_batch, batch_mixer, per_image
 from workbench.data.images import ImageData, Rows, channel_stats
 from workbench.data.imagestore import load_data
 from workbench.data.splits import (
@@ -12,6 +12,7 @@ from workbench.data.splits import (
 )
 
 __all__ = [
+    "V2_KEYS",
     "ImageData",
     "Rows",
     "Split",

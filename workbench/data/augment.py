@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 from workbench.config import AugmentConfig
 
+# the keys whose steps run through torchvision (steps 1 and 3); shift and hflip are batched
+V2_KEYS = frozenset(AugmentConfig.model_fields) - {"shift", "hflip"}
+
 if TYPE_CHECKING:  # torchvision is imported when a study asks for v2 steps: worker start-up
     from torchvision.transforms import v2
 

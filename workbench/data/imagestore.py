@@ -10,6 +10,7 @@ the next run, or a worker, finds the store while the source is unchanged and map
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -135,14 +136,4 @@ def _meta(d: Decoded) -> dict[str, Any]:
 
 def _in_memory(data: ImageData) -> ImageData:
     """A store's data copied into memory, so that its files may be deleted."""
-    return ImageData(
-        data.pixels.clone(),
-        data.y,
-        data.classes,
-        data.source,
-        data.source_test,
-        data.scale,
-        data.preprocess,
-        data.skipped,
-        data.fingerprint,
-    )
+    return dataclasses.replace(data, pixels=data.pixels.clone())

@@ -14,10 +14,11 @@ most half their size, which is most of the cost saved on large photos.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ import numpy as np
 from workbench.config import DataConfig
 from workbench.data.images import Decoded
 from workbench.errors import DataError
+from workbench.runtime import default_workers
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -138,19 +140,20 @@ def decode_all(
     `progress(n)` is called as each chunk of n files is done. Processes are forked: the parent
     has touched no CUDA or thread pool yet (this runs before any training), and fork avoids
     re-importing torch in each decoding process (~2 s each, measured here)."""
-    chunks = [(files[i : i + _CHUNK], i) for i in range(0, len(files), _CHUNK)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    starts = range(0, len(files), _CHUNK)
+    chunks = [files[i : i + _CHUNK] for i in starts]
+    cores = default_workers("cpu")
+    parallel = len(files) >= _POOL_MIN and cores > 1
     done: list[Outcome] = []
-    if len(files) < _POOL_MIN or (cores or 1) < 2:
-        for fs, i in chunks:
-            done += decode_rows(fs, out, i, policy, shape)
-            if progress:
-                progress(len(fs))
-        return done
-    with ProcessPoolExecutor(cores, mp_context=get_context("fork")) as pool:
-        futures = [pool.submit(decode_rows, fs, out, i, policy, shape) for fs, i in chunks]
-        for (fs, _), fut in zip(chunks, futures, strict=True):
-            done += fut.result()
+    with (
+        ProcessPoolExecutor(cores, mp_context=get_context("fork"))
+        if parallel
+        else contextlib.nullcontext()
+    ) as pool:
+        mapper = pool.map if pool is not None else map  # in order, chunk by chunk, either way
+        parts = mapper(decode_rows, chunks, repeat(out), starts, repeat(policy), repeat(shape))
+        for fs, part in zip(chunks, parts, strict=True):
+            done += part
             if progress:
                 progress(len(fs))
     return done
