@@ -130,35 +130,13 @@ def test_small_inputs_are_upsized_to_what_the_backbone_needs() -> None:
     assert seen == [(2, 1, 32, 32)]
 
 
-STUDY = """
-name = "pretrained"
-seed = 0
-output_dir = "{out}"
-[data]
-source = "folder"
-path = "{photos}"
-image_size = 24
-[cv]
-folds = 3
-[search]
-trials = 2
-startup_trials = 2
-pruner = "none"
-[train]
-epochs = 3
-batch_size = 16
-[tracking]
-uri = "sqlite:///{out}/mlflow.db"
-[models.resnet18.params]
+RESNET18 = """[models.resnet18.params]
 weights = "{weights}"
 freeze_epochs = 1
+epochs = 3
 [models.resnet18.space]
 lr = {{ low = 1e-3, high = 3e-3, log = true }}
-backbone_lr_scale = {{ low = 0.1, high = 1.0, log = true }}
-[ensemble]
-top_k = 2
-methods = ["soft_voting"]
-"""
+backbone_lr_scale = {{ low = 0.1, high = 1.0, log = true }}"""
 
 LOAD = """
 import sys, numpy as np, mlflow
@@ -176,13 +154,13 @@ def test_a_fine_tuned_resnet18_study_runs_and_its_model_loads_without_the_weight
     import sys
 
     from conftest import CLI_ENV, run_cli
-    from test_photo_studies import write_photos
+    from test_photo_studies import study_file, write_photos
 
     photos = tmp_path / "photos"
     write_photos(photos, per_class=30)
     weights = weights_file(tmp_path / "weights" / "resnet18.pth")
-    file = tmp_path / "pretrained.toml"
-    file.write_text(STUDY.format(out=tmp_path / "runs", photos=photos, weights=weights))
+    models = RESNET18.format(weights=weights)
+    file = study_file(tmp_path, "pretrained", photos, "image_size = 24", "", models)
     result = run_cli("study", str(file), "--workers", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "runs" / "pretrained"

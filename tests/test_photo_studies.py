@@ -66,19 +66,26 @@ epochs = 8
 batch_size = 16
 [tracking]
 uri = "sqlite:///{out}/mlflow.db"
-[models.cnn]
-params = {{ width = 8, depth = 1 }}
-[models.cnn.space]
-lr = {{ low = 3e-3, high = 1e-2, log = true }}
+{models}
 [ensemble]
 top_k = 2
 methods = ["soft_voting", "weighted"]
 """
 
 
-def study_file(tmp_path: Path, name: str, photos: Path, data: str, augment: str) -> Path:
+CNN = """[models.cnn]
+params = { width = 8, depth = 1 }
+[models.cnn.space]
+lr = { low = 3e-3, high = 1e-2, log = true }"""
+
+
+def study_file(
+    tmp_path: Path, name: str, photos: Path, data: str, augment: str, models: str = CNN
+) -> Path:
     path = tmp_path / f"{name}.toml"
-    text = STUDY.format(name=name, out=tmp_path / "runs", photos=photos, data=data, augment=augment)
+    text = STUDY.format(
+        name=name, out=tmp_path / "runs", photos=photos, data=data, augment=augment, models=models
+    )
     path.write_text(text)
     return path
 
