@@ -113,7 +113,8 @@ def test_space_kinds_are_read_from_the_toml_types(tmp_path: Path) -> None:
         ),
         (
             GOOD.replace("depth = {", "mixup = { low = -0.5, high = 0.4 }\ndepth = {"),
-            r"models\.cnn\.space\.mixup: -0\.5 is not a valid `data\.augment\.mixup`: "
+            r"models\.cnn\.space\.mixup: the range's low end -0\.5 is not a valid "
+            r"`data\.augment\.mixup`: "
             r".*greater than or equal to 0",
         ),
     ],

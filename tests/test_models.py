@@ -68,5 +68,8 @@ def test_unknown_model_and_keyword_are_errors() -> None:
         create_model("cnnn", 10, (1, 8, 8))
     with pytest.raises(ConfigError, match=r"model 'mlp' has no hyperparameter\(s\) \['kernel'\]"):
         create_model("mlp", 10, (1, 8, 8), kernel=3)
-    with pytest.raises(ConfigError, match=r"resnet depth must be one of \[10, 18, 34\], got 12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model 'resnet': depth = 12 is not valid; it must be one of \[10, 18, 34\]",
+    ):
         create_model("resnet", 10, (1, 8, 8), depth=12)

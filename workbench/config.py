@@ -16,100 +16,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import tomllib
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.errors import ConfigError
-
-Scalar = bool | int | float | str
+from workbench.spaces import (
+    SPACE_TAGS,
+    Param,
+    Scalar,
+    Value,
+    ends,
+    section_error,
+)
+from workbench.spaces import Choice as Choice  # re-exported: a study file's types are here
+from workbench.spaces import FloatRange as FloatRange
+from workbench.spaces import IntRange as IntRange
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-
-# --- search spaces -----------------------------------------------------------------------------
-
-
-class IntRange(_Frozen):
-    """An integer hyperparameter drawn from [low, high] (both TOML integers)."""
-
-    low: int
-    high: int
-    step: int = 1  # grid spacing; must be 1 when log = true
-    log: bool = False  # sample log-uniformly; needs low >= 1
-
-    @model_validator(mode="after")
-    def _check(self) -> IntRange:
-        _check_range(self.low, self.high, self.log, self.step if self.step != 1 else None)
-        if self.step < 1:
-            raise ValueError(
-                f"`step >= 1` must hold for an integer range, but got step={self.step}"
-            )
-        return self
-
-
-class FloatRange(_Frozen):
-    """A float hyperparameter drawn from [low, high]."""
-
-    low: float
-    high: float
-    step: float | None = None  # optional grid spacing; not allowed with log = true
-    log: bool = False  # sample log-uniformly; needs low > 0
-
-    @model_validator(mode="after")
-    def _check(self) -> FloatRange:
-        _check_range(self.low, self.high, self.log, self.step)
-        return self
-
-
-class Choice(_Frozen):
-    """A categorical hyperparameter: one of `choices`."""
-
-    choices: tuple[Scalar, ...] = Field(min_length=1, strict=False)  # TOML arrays are lists
-
-
-def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
-    if low > high:
-        raise ValueError(f"`low <= high` must hold, but got low={low}, high={high}")
-    if log and low <= 0:
-        raise ValueError(f"a log range needs `low > 0`, but got low={low}")
-    if log and step is not None:
-        raise ValueError("`step` and `log = true` cannot be combined; drop one of them")
-
-
-def _param_kind(v: Any) -> str:
-    """The union tag of a search-space entry: from a TOML table, or from a model when dumping."""
-    tags: dict[type, str] = {
-        IntRange: "<int range>",
-        FloatRange: "<float range>",
-        Choice: "<choices>",
-    }
-    if type(v) in tags:
-        return tags[type(v)]
-    if isinstance(v, dict):
-        if "choices" in v:
-            return "<choices>"
-        ends = [v.get("low"), v.get("high")]
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in ends):
-            return "<int range>"
-    return "<float range>"
-
-
-Param = Annotated[
-    Annotated[IntRange, Tag("<int range>")]
-    | Annotated[FloatRange, Tag("<float range>")]
-    | Annotated[Choice, Tag("<choices>")],
-    Discriminator(_param_kind),
-]
 
 # --- sections ----------------------------------------------------------------------------------
 
@@ -219,7 +144,8 @@ class TrainConfig(_Frozen):
     def _cycles_fit(self) -> TrainConfig:
         if self.schedule == "cosine_restarts" and self.cycles > self.epochs:
             raise ValueError(
-                f"`cycles <= epochs` must hold, but got cycles={self.cycles}, epochs={self.epochs}"
+                f"`cycles <= epochs` must hold for schedule = 'cosine_restarts', but got "
+                f"cycles={self.cycles}, epochs={self.epochs}"
             )
         return self
 
@@ -291,28 +217,19 @@ class StudyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _train_keys(self) -> StudyConfig:
-        for model, spec in self.models.items():
-            for key, value in spec.params.items():
-                self._check_value(f"models.{model}.params.{key}", key, value)
-            for key, p in spec.space.items():
-                values = p.choices if isinstance(p, Choice) else (p.low, p.high)
-                for v in values:
-                    self._check_value(f"models.{model}.space.{key}", key, v)
-        return self
-
-    def _check_value(self, where: str, key: str, value: Any) -> None:
-        """A [train] or [data.augment] key set or searched per model must be a valid value."""
+        """Every value a model's `params` and `space` give a [train] or [data.augment] key is
+        valid, alone and at the corners with the model's other values. Any other key is a model
+        factory's keyword, checked against its constraints by workbench/models."""
         base: _Frozen
-        for base, section in ((self.train, "train"), (self.data.augment, "data.augment")):
-            if key in type(base).model_fields:
-                try:
-                    base.model_validate({**base.model_dump(), key: value})
-                except ValidationError as e:
-                    msg = _msg(e)
-                    raise ValueError(
-                        f"{where}: {value!r} is not a valid `{section}.{key}`: {msg}"
-                    ) from None
-        # any other key is a model-factory keyword: checked against the registry by models.py
+        for model, spec in self.models.items():
+            for base, section in ((self.train, "train"), (self.data.augment, "data.augment")):
+                fields = type(base).model_fields
+                given = {f"space.{k}": ends(p) for k, p in spec.space.items() if k in fields}
+                given |= {f"params.{k}": [Value(v)] for k, v in spec.params.items() if k in fields}
+                error = section_error(base, section, given, f"models.{model}")
+                if error:
+                    raise ValueError(error)
+        return self
 
     def trials_for(self, model: str) -> int:
         return self.models[model].trials or self.search.trials
@@ -320,10 +237,6 @@ class StudyConfig(_Frozen):
     @property
     def out(self) -> Path:
         return Path(self.output_dir) / self.name
-
-
-def _msg(e: ValidationError) -> str:
-    return "; ".join(err["msg"] for err in e.errors())
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -374,11 +287,10 @@ def _format(path: Path, e: ValidationError) -> str:
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed at `loc`, walking the config classes along the key path."""
-    tags = {"<int range>": IntRange, "<float range>": FloatRange, "<choices>": Choice}
     cls: Any = StudyConfig
     for part in loc:
-        if isinstance(part, str) and part in tags:
-            cls = tags[part]
+        if isinstance(part, str) and part in SPACE_TAGS:
+            cls = SPACE_TAGS[part]
         elif _is_model(cls) and part in cls.model_fields:
             cls = _unwrap(cls.model_fields[part].annotation)
         elif typing.get_origin(cls) is dict:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from workbench.errors import ConfigError
+from workbench.models.constraints import OfType
 from workbench.models.registry import Net, register_model
 
 MIN_SIZE = 32  # px: five stride-2 stages leave 1x1; vgg16_bn and convnext_tiny need it (meta)
@@ -152,4 +153,4 @@ for _arch in (
     "efficientnet_b0",
     "convnext_tiny",
 ):
-    register_model(_factory(_arch))
+    register_model(weights=OfType(str))(_factory(_arch))  # a name or a path; "" = random init

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +20,37 @@ from torch.nn import functional as F
 
 from workbench.config import AugmentConfig, StudyConfig, TrainConfig
 from workbench.errors import ConfigError
+from workbench.models.constraints import Constraint, violation
+from workbench.spaces import Param, Scalar, Value
 
 Factory = Callable[..., nn.Module]
 _REGISTRY: dict[str, Factory] = {}
+_CONSTRAINTS: dict[str, dict[str, Constraint]] = {}
 
 
-def register_model(fn: Factory) -> Factory:
-    """Add a factory to the registry under its function name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+def register_model(**constraints: Constraint) -> Callable[[Factory], Factory]:
+    """A decorator adding a factory to the registry under its function name, with what each of
+    its hyperparameters may be (`@register_model(width=Interval(int, 1, None), ...)`): every
+    keyword needs one, and its default must satisfy it."""
+
+    def add(fn: Factory) -> Factory:
+        params = inspect.signature(fn).parameters
+        keys = [p for p in params if p not in ("num_classes", "in_shape")]
+        if sorted(keys) != sorted(constraints):
+            raise TypeError(
+                f"{fn.__name__}: constraints are declared for {sorted(constraints)}, "
+                f"but its hyperparameters are {sorted(keys)}"
+            )
+        for key, c in constraints.items():
+            if violation(c, [Value(params[key].default)]):
+                raise TypeError(
+                    f"{fn.__name__}: the default {key} = {params[key].default!r} is not {c}"
+                )
+        _REGISTRY[fn.__name__] = fn
+        _CONSTRAINTS[fn.__name__] = dict(constraints)
+        return fn
+
+    return add
 
 
 def list_models() -> list[str]:
@@ -39,6 +61,12 @@ def model_hparams(name: str) -> list[str]:
     """The keyword hyperparameters a factory accepts (beyond num_classes and in_shape)."""
     params = inspect.signature(_factory(name)).parameters
     return [p for p in params if p not in ("num_classes", "in_shape")]
+
+
+def model_constraints(name: str) -> dict[str, Constraint]:
+    """What each hyperparameter of a factory may be, as declared with it."""
+    _factory(name)
+    return dict(_CONSTRAINTS[name])
 
 
 def _factory(name: str) -> Factory:
@@ -119,6 +147,11 @@ def create_model(
         raise ConfigError(
             f"model '{name}' has no hyperparameter(s) {unknown}; it accepts {model_hparams(name)}"
         )
+    for key, value in hparams.items():
+        c = _CONSTRAINTS[name][key]
+        bad = violation(c, [Value(value)])  # type: ignore[arg-type]
+        if bad:
+            raise ConfigError(f"model '{name}': {key} = {value!r} {bad[1]}; it must be {c}")
     channels = in_shape[0]
     net = factory(num_classes=num_classes, in_shape=tuple(in_shape), **hparams)
     if isinstance(net, Net):
@@ -135,8 +168,10 @@ def create_model(
 
 
 def check_models(cfg: StudyConfig) -> None:
-    """Every `[models.<name>]` names a registered factory, and every key is a hyperparameter of
-    that factory or a `[train]` key. Called once, right after the study file is loaded."""
+    """Every `[models.<name>]` names a registered factory, every key is a hyperparameter of that
+    factory or a `[train]` key, and every value its `params` and `space` can give a factory's
+    hyperparameter is one the factory builds. Called once, right after the study file is loaded.
+    """
     for section, spec in cfg.models.items():
         arch = spec.arch or section
         if arch not in _REGISTRY:
@@ -158,3 +193,24 @@ def check_models(cfg: StudyConfig) -> None:
                         f"models.{section}.{kind}.{key}: '{arch}' has no hyperparameter '{key}'; "
                         f"{hint}valid: {model_hparams(arch)} or any [train] or [data.augment] key"
                     )
+        _check_values(section, arch, spec.params, spec.space)
+
+
+def _check_values(
+    section: str, arch: str, params: dict[str, Scalar], space: dict[str, Param]
+) -> None:
+    constraints = _CONSTRAINTS[arch]
+    given: dict[tuple[str, str], Iterable[Value]] = {
+        ("params", k): [Value(v)] for k, v in params.items() if k in constraints
+    }
+    given |= {("space", k): constraints[k].values(p) for k, p in space.items() if k in constraints}
+    for (kind, key), values in given.items():
+        bad = violation(constraints[key], values)
+        if bad:
+            hint = "; a range gives every value in between: list them as choices" * (
+                bad[0].kind == "value"
+            )
+            raise ConfigError(
+                f"models.{section}.{kind}.{key}: {bad[0]} {bad[1]}; "
+                f"'{arch}' {key} must be {constraints[key]}{hint}"
+            )

@@ -9,10 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from workbench.errors import ConfigError
+from workbench.models.constraints import Interval, Options
 from workbench.models.registry import register_model
 
+WIDTH = Interval(int, 1, None)  # 0 builds layers of no units: a network that learns nothing
+DROPOUT = Interval(float, 0.0, 1.0, closed="left")  # 1 zeroes every unit: outputs ignore inputs
 
-@register_model
+
+@register_model(width=WIDTH, depth=Interval(int, 1, None), dropout=DROPOUT)
 def mlp(
     num_classes: int,
     in_shape: tuple[int, int, int],
@@ -39,7 +43,7 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     ]
 
 
-@register_model
+@register_model(width=WIDTH, depth=Interval(int, 1, None), dropout=DROPOUT)
 def cnn(
     num_classes: int,
     in_shape: tuple[int, int, int],
@@ -70,7 +74,7 @@ def cnn(
 _RESNET_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
-@register_model
+@register_model(width=WIDTH, depth=Options(tuple(_RESNET_BLOCKS)), dropout=DROPOUT)
 def resnet(
     num_classes: int,
     in_shape: tuple[int, int, int],
