@@ -11,11 +11,11 @@ import json
 import re
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Tables
 
 from workbench.report import ModelSection, ReportInputs, TrialRow, render_report, write_report
 
@@ -228,50 +228,6 @@ def inputs() -> ReportInputs:
 @pytest.fixture(scope="module")
 def html(inputs: ReportInputs) -> str:
     return render_report(inputs)  # rendered once: the charts take a second or two
-
-
-class Tables(HTMLParser):
-    """Every <table id=...> as rows of (cell text, cell attributes); every <h2>/<h3> text."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__()
-        self.tables: dict[str, list[list[tuple[str, dict]]]] = {}
-        self.headings: list[str] = []
-        self.rows_attrs: dict[str, list[dict]] = {}
-        self._table: str | None = None
-        self._cell: list[str] | None = None
-        self._heading: list[str] | None = None
-        self.feed(html)
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        a = dict(attrs)
-        if tag == "table":
-            self._table = a.get("id", "")
-            self.tables[self._table], self.rows_attrs[self._table] = [], []
-        elif tag == "tr" and self._table is not None:
-            self.tables[self._table].append([])
-            self.rows_attrs[self._table].append(a)
-        elif tag in ("td", "th") and self._table is not None:
-            self._cell = []
-            self.tables[self._table][-1].append(("", a))
-        elif tag in ("h2", "h3"):
-            self._heading = []
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th") and self._cell is not None and self._table is not None:
-            row = self.tables[self._table][-1]
-            row[-1] = (" ".join("".join(self._cell).split()), row[-1][1])
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-        elif tag in ("h2", "h3") and self._heading is not None:
-            self.headings.append(" ".join("".join(self._heading).split()))
-            self._heading = None
-
-    def handle_data(self, data: str) -> None:
-        for buf in (self._cell, self._heading):
-            if buf is not None:
-                buf.append(data)
 
 
 def texts(row: list[tuple[str, dict]]) -> list[str]:
