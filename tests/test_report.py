@@ -11,14 +11,13 @@ import json
 import re
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Tables
 
 from workbench.report import ModelSection, ReportInputs, TrialRow, render_report, write_report
-from workbench.report.render import num, param, pvalue, seconds, signed
 
 XSS = "<img src=x onerror=alert(1)>"
 CLASSES = ["cat", "dog", XSS, "bird & fish"]
@@ -231,50 +230,6 @@ def html(inputs: ReportInputs) -> str:
     return render_report(inputs)  # rendered once: the charts take a second or two
 
 
-class Tables(HTMLParser):
-    """Every <table id=...> as rows of (cell text, cell attributes); every <h2>/<h3> text."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__()
-        self.tables: dict[str, list[list[tuple[str, dict]]]] = {}
-        self.headings: list[str] = []
-        self.rows_attrs: dict[str, list[dict]] = {}
-        self._table: str | None = None
-        self._cell: list[str] | None = None
-        self._heading: list[str] | None = None
-        self.feed(html)
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        a = dict(attrs)
-        if tag == "table":
-            self._table = a.get("id", "")
-            self.tables[self._table], self.rows_attrs[self._table] = [], []
-        elif tag == "tr" and self._table is not None:
-            self.tables[self._table].append([])
-            self.rows_attrs[self._table].append(a)
-        elif tag in ("td", "th") and self._table is not None:
-            self._cell = []
-            self.tables[self._table][-1].append(("", a))
-        elif tag in ("h2", "h3"):
-            self._heading = []
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th") and self._cell is not None and self._table is not None:
-            row = self.tables[self._table][-1]
-            row[-1] = (" ".join("".join(self._cell).split()), row[-1][1])
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-        elif tag in ("h2", "h3") and self._heading is not None:
-            self.headings.append(" ".join("".join(self._heading).split()))
-            self._heading = None
-
-    def handle_data(self, data: str) -> None:
-        for buf in (self._cell, self._heading):
-            if buf is not None:
-                buf.append(data)
-
-
 def texts(row: list[tuple[str, dict]]) -> list[str]:
     return [text for text, _ in row]
 
@@ -292,35 +247,74 @@ def test_every_section_heading_is_present(html: str) -> None:
         assert h in headings, f"missing section {h!r}; headings are {headings}"
 
 
-def test_leaderboard_equals_the_trials(inputs: ReportInputs, html: str) -> None:
+# The tables as a reader sees them, written out by hand from the fixture's numbers: metrics to 4
+# decimals, hyperparameters to 4 significant digits, times as "12.5 s" / "1 min 15 s", a dash
+# for a missing value. (Not through the report's own formatting helpers: a bug there would pass.)
+LR = ["0.001", "0.002344", "0.005495", "0.01288", "0.0302", "0.07079"]  # 10 ** (-3 + 0.37 n)
+WIDTH = ["32", "64", "96", "128", "160", "192"]
+DROPOUT = ["0", "–", "0.1", "0.15", "0.2", "0.25"]  # trial 1 has none
+STD = ["0.0123", "0.0133", "–", "0.0153", "–", "0.0173"]  # complete trials only
+TIME = ["12.5 s", "25.0 s", "37.5 s", "50.0 s", "–", "1 min 15 s"]
+LEADERBOARDS = {  # model: (metric, CV values of trials 0-5)
+    "mlp": ("accuracy", ["0.9000", "0.9110", "0.9220", "0.9330", "–", "0.9550"]),
+    "cnn": ("log_loss", ["0.3000", "0.2890", "0.2780", "0.2670", "–", "0.2450"]),
+}
+STATES = ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "FAIL", "COMPLETE"]
+
+
+def test_leaderboard_equals_the_trials(html: str) -> None:
     tables = Tables(html).tables
-    for k, section in enumerate(inputs.models, start=1):
+    for k, (model, (metric, values)) in enumerate(LEADERBOARDS.items(), start=1):
         header, *rows = tables[f"leaderboard-{k}"]
-        names = ["lr", "width", "optimizer", "dropout"]  # in order of first appearance
         assert texts(header) == [
             "#",
             "state",
-            f"CV {section.metric}",
+            f"CV {metric}",
             "± std",
-            *names,
+            "lr",  # parameters in order of first appearance
+            "width",
+            "optimizer",
+            "dropout",
             "time",
             "MLflow run",
         ]
-        assert len(rows) == 6
-        for t, row in zip(section.trials, rows, strict=True):
-            cells = texts(row)
-            assert cells[0] == str(t.number)
-            assert cells[1].startswith(t.state)
-            assert cells[2:4] == [num(t.value), num(t.cv_std)]
-            assert cells[4:8] == [param(t.params.get(p)) for p in names]
-            assert cells[8] == seconds(t.seconds)
-            assert cells[9] == t.mlflow_run_id[:8]
-            assert row[2][1]["data-sort"] == ("" if t.value is None else repr(t.value))
-    # the best trial is marked: highest accuracy for mlp, lowest log loss for cnn (both trial 5)
-    for k in (1, 2):
-        best = [texts(r) for r in tables[f"leaderboard-{k}"][1:] if "best" in texts(r)[1]]
-        assert [r[0] for r in best] == ["5"]
+        expected = [
+            # the last cell: the MLflow run id's first 8 characters
+            [
+                str(n),
+                STATES[n],
+                values[n],
+                STD[n],
+                LR[n],
+                WIDTH[n],
+                "<script>sgd",
+                DROPOUT[n],
+                TIME[n],
+                f"run{model}{n:02d}",
+            ]
+            for n in range(6)
+        ]
+        got = [texts(r) for r in rows]
+        # the best trial's state cell is marked: highest accuracy for mlp, lowest log loss for
+        # cnn (trial 5 in both)
+        assert got[5][1].startswith("COMPLETE") and "best" in got[5][1]
+        assert [c for r in got[:5] for c in r if "best" in c] == []
+        got[5][1] = "COMPLETE"
+        assert got == expected
+        sort = [row[2][1]["data-sort"] for row in rows]  # the raw value, sorted as a number
+        assert sort == SORT_KEYS[model]
     assert "Best: trial 5 with 0.9550 ± 0.0173." in html
+
+
+SORT_KEYS = {  # a failed trial's empty key sorts last
+    "mlp": ["0.9", "0.911", "0.922", "0.933", "", "0.955"],
+    "cnn": ["0.3", "0.289", "0.278", "0.267", "", "0.245"],
+}
+
+
+def f4(x: float) -> str:
+    """What a metric cell shows, written with a plain f-string."""
+    return f"{x:.4f}"
 
 
 def test_ensemble_tables_equal_the_results(inputs: ReportInputs, html: str) -> None:
@@ -330,50 +324,57 @@ def test_ensemble_tables_equal_the_results(inputs: ReportInputs, html: str) -> N
     _, header, *rows = tables["methods"]  # a group row, then the column names
     assert texts(header)[:2] == ["method", "accuracy"]
     assert len(rows) == len(METHODS) + 1
-    for name, row in zip(METHODS, rows, strict=False):
+    # method k: test accuracy 0.945 + 0.0025 k against the best single's 0.94; McNemar p
+    # 0.0312 / (k + 1), the last < 1e-4
+    diffs = ["+0.0050", "+0.0075", "+0.0100", "+0.0125"]
+    cis = ["[-0.0100, +0.0200]", "[-0.0060, +0.0210]", "[-0.0020, +0.0220]", "[+0.0020, +0.0230]"]
+    pvalues = ["0.0312", "0.0156", "0.0104", "< 0.0001"]
+    for k, (name, row) in enumerate(zip(METHODS, rows, strict=False)):
         m, cells = ens["methods"][name], texts(row)
         assert cells[0].startswith(name.replace("_", " "))
         t = m["test"]
         assert cells[1:6] == [
-            num(t[k]) for k in ("accuracy", "log_loss", "ece", "brier", "macro_f1")
+            f4(0.945 + 0.0025 * k),
+            f4(1.1 - (0.945 + 0.0025 * k)),
+            f4(t["ece"]),
+            f4(t["brier"]),
+            f4(0.945 + 0.0025 * k - 0.004),
         ]
-        assert cells[6:8] == [num(m["oof_cv"]["accuracy"]), num(m["oof_cv"]["log_loss"])]
-        d = m["vs_best_single"]["accuracy"]
-        assert cells[8] == f"{signed(d['diff'])} [{signed(d['ci_low'])}, {signed(d['ci_high'])}]"
-        mc = m["mcnemar"]
-        assert cells[10] == f"{pvalue(mc['p_value'])} b {mc['b']} / c {mc['c']}"
-    assert texts(rows[3])[10].startswith("< 0.0001")
-    single = next(m for m in ens["members"] if m["name"] == "cnn/trial-3")
-    assert texts(rows[-1])[:2] == ["cnn/trial-3 best single", num(single["test"]["accuracy"])]
+        assert cells[1] == ["0.9450", "0.9475", "0.9500", "0.9525"][k]
+        assert cells[6:8] == [f4(0.953 + 0.001 * k), f4(0.16 - 0.01 * k)]
+        assert cells[8] == f"{diffs[k]} {cis[k]}"
+        assert cells[10] == f"{pvalues[k]} b {3 + k} / c {7 + k}"
+    assert texts(rows[-1])[:2] == ["cnn/trial-3 best single", "0.9400"]
     # weights per method, members' test metrics
     w = {texts(r)[0]: texts(r)[1:] for r in tables["weights"][1:]}
-    assert w["cnn/trial-3"] == ["0.333", "0.333", "0.500", "0.500"]
-    assert w["mlp/trial-5"] == ["0.333", "0.333", "0.200", ""]
+    assert w == {
+        "cnn/trial-3": ["0.333", "0.333", "0.500", "0.500"],
+        "cnn/trial-5": ["0.333", "0.333", "0.300", "0.500"],
+        "mlp/trial-5": ["0.333", "0.333", "0.200", ""],
+    }
     members = {texts(r)[0].split()[0]: texts(r) for r in tables["members"][2:]}
-    for m in ens["members"]:
-        assert members[m["name"]][4] == num(m["cv_score"])
-        assert members[m["name"]][7] == num(m["test"]["accuracy"])
+    assert {name: (cells[4], cells[7]) for name, cells in members.items()} == {
+        "cnn/trial-3": ("0.9510", "0.9400"),
+        "cnn/trial-5": ("0.9480", "0.9375"),
+        "mlp/trial-5": ("0.9210", "0.9125"),
+    }
     recall = tables["recall"][1:]
     assert [texts(r)[1] for r in recall] == CLASSES
     assert [texts(r)[3] for r in recall] == [
-        num(x) for x in ens["final"]["test"]["per_class_recall"]
+        f4(x) for x in ens["final"]["test"]["per_class_recall"]
     ]
 
 
-def test_chosen_method_and_headline(inputs: ReportInputs, html: str) -> None:
+def test_chosen_method_and_headline(html: str) -> None:
     parsed = Tables(html)
     chosen = [a for a in parsed.rows_attrs["methods"] if "chosen" in (a.get("class") or "")]
     assert [a["data-method"] for a in chosen] == ["weighted"]
     assert html.count('class="badge chosen"') == 1
-    ens = inputs.ensemble
-    assert ens is not None
-    final, vs = ens["final"]["test"], ens["methods"]["weighted"]["vs_best_single"]
     card = html[html.index('id="headline-accuracy"') : html.index('id="headline-log_loss"')]
-    assert num(final["accuracy"]) in card and "best single: 0.9400" in card
-    assert (
-        f'{signed(vs["accuracy"]["diff"])} <br><span class="ci">[{signed(vs["accuracy"]["ci_low"])}'
-        in card
-    )
+    # the final (weighted) ensemble's 0.9525, its +0.01 over the best single's 0.94, CI
+    # [-0.002, +0.022]
+    assert "0.9525" in card and "best single: 0.9400" in card
+    assert '+0.0100 <br><span class="ci">[-0.0020' in card
     assert "T = 1.370" in html
 
 

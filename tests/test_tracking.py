@@ -29,12 +29,15 @@ from conftest import CLI_ENV, TINY, mlflow_server, run_cli
 import workbench
 from workbench.config import load_study
 from workbench.events import ModelPackaged
-from workbench.tracking import STATUS, Tracker, flatten
+from workbench.tracking import Tracker, flatten
 
 ENV = CLI_ENV
 # a packaged model that is never logged: the tracker is off, or the run fails before it
 NO_MODEL = ModelPackaged({}, "nowhere:nothing", [], [], np.zeros((1, 1, 8, 8)), np.zeros((1, 10)))
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
+# the MLflow run status each Optuna trial state ends in, as the README states it (a pruned trial
+# was stopped on purpose: KILLED, not FAILED); written out, not read from the product's own map
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 def expected_commit() -> str:
@@ -234,7 +237,7 @@ def test_runs_nest_study_trial_fold_one_trial_run_per_optuna_trial(
         assert run.tags["optuna.trial_number"] == str(t.number)
         assert run.tags["optuna.study"] == "tiny/mlp"
         assert run.tags["optuna.state"] == t.state.name
-        assert run.status == STATUS[t.state.name]  # COMPLETE FINISHED, PRUNED KILLED, ...
+        assert run.status == RUN_STATUS[t.state.name]
         assert run.parent == study_run.id
 
     for fold in fold_runs:
@@ -484,3 +487,51 @@ def test_no_run_is_left_running_by_a_dead_worker_or_a_failure(
     ensemble = client.search_runs([exp], "tags.`workbench.kind` = 'ensemble'")
     assert sorted(r.info.run_name for r in ensemble) == ["ensemble", "ensemble/soft_voting"]
     assert {r.info.status for r in ensemble} == {"FAILED"}
+
+
+def test_a_trial_that_raises_ends_its_runs_failed_and_the_next_trial_runs(
+    tmp_path: Path, tiny_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial 1's model factory raises: its trial run ends FAILED (optuna.state FAIL), the error
+    is on the Optuna trial, and trials 2 and 3 run and finish with their own runs."""
+    from mlflow import MlflowClient
+
+    from workbench import cv, search
+    from workbench.data import load_data, load_or_make_split
+
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    tiny_file.write_text(
+        tiny_file.read_text().replace("enabled = false", f'enabled = true\nuri = "{store}"')
+    )
+    cfg = load_study(tiny_file)
+    data = load_data(cfg.data)
+    split = load_or_make_split(data, cfg.data, cfg.seed, cfg.out / "split.npz")
+    study = search.create_studies(cfg, search.open_storage(cfg))["mlp"]
+    Tracker(cfg).study_run("mlp", create=True)
+    real_run, real_create, running = cv.CrossValidator.run, cv.create_model, []
+
+    def run(self: cv.CrossValidator, hp: Any, out: Path, ref: Any, *args: Any) -> Any:
+        running.append(ref.label)
+        return real_run(self, hp, out, ref, *args)
+
+    def create_model(*args: Any, **kwargs: Any) -> Any:
+        if running[-1] == 1:
+            raise RuntimeError("boom")
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(cv.CrossValidator, "run", run)
+    monkeypatch.setattr(cv, "create_model", create_model)
+    search.run_worker(cfg, data, split, Tracker(cfg))
+    trials = study.get_trials()
+    assert [t.state.name for t in trials][:2] == ["COMPLETE", "FAIL"] and len(trials) == 4
+    assert trials[1].user_attrs["error"] == "RuntimeError: boom"
+    client = MlflowClient(store)
+    failed = client.get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert (failed.info.status, failed.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+    folds = client.search_runs(
+        [failed.info.experiment_id], f"tags.`mlflow.parentRunId` = '{failed.info.run_id}'"
+    )
+    assert folds == []  # the factory raised before its first fold began
+    for t in trials[2:]:
+        run_ = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run_.info.status == RUN_STATUS[t.state.name]

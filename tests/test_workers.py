@@ -30,13 +30,15 @@ import optuna
 import pytest
 import sqlalchemy
 from conftest import free_port, run_cli
+from mlflow.exceptions import MlflowException
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from workbench import cli, search
+from workbench import cli, cv, search
 from workbench.config import StudyConfig, load_study
 from workbench.cv import CrossValidator
 from workbench.data import ImageData, Split, load_data, load_or_make_split
+from workbench.errors import SearchError
 from workbench.files import load_npz, save_npz
 from workbench.tracking import Tracker
 from workbench.train import load_model
@@ -350,6 +352,151 @@ def test_a_trial_failed_under_a_live_worker_is_retried_and_the_worker_goes_on(
     if trials[1].state == TrialState.COMPLETE:
         assert (tiny_cfg.out / "trials" / "mlp" / "0000" / "oof.npz").exists()
     assert "trial 0: failed by another worker while it ran here" in capsys.readouterr().out
+
+
+def fail_trials(
+    monkeypatch: pytest.MonkeyPatch, numbers: Callable[[int], bool], error: BaseException
+) -> None:
+    """The model factory raises `error` in the trials whose number `numbers` accepts."""
+    real_run, real_create = CrossValidator.run, cv.create_model
+    running: list[Any] = []
+
+    def run(self: CrossValidator, hp: Any, out: Path, ref: Any, *args: Any) -> Any:
+        running.append(ref.label)
+        return real_run(self, hp, out, ref, *args)
+
+    def create_model(*args: Any, **kwargs: Any) -> Any:
+        if numbers(running[-1]):
+            raise error
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(CrossValidator, "run", run)
+    monkeypatch.setattr("workbench.cv.create_model", create_model)
+
+
+@pytest.mark.parametrize(
+    ("where", "error", "recorded"),
+    [
+        (
+            "factory",
+            ValueError("width must be positive, got -1"),
+            "ValueError: width must be positive, got -1",
+        ),
+        (
+            "factory",
+            RuntimeError("mat1 and mat2 shapes\ncannot be multiplied"),
+            "RuntimeError: mat1 and mat2 shapes cannot be multiplied",
+        ),
+        # MLflow's SQLite store under several workers: the trial's run cannot be created
+        (
+            "mlflow",
+            MlflowException("(sqlite3.OperationalError) database is locked"),
+            "MlflowException: (sqlite3.OperationalError) database is locked",
+        ),
+    ],
+)
+def test_any_error_in_a_trial_fails_that_trial_and_the_worker_goes_on(
+    where: str,
+    error: Exception,
+    recorded: str,
+    tiny_cfg: StudyConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data, split, study = prepare(tiny_cfg)
+    if where == "factory":
+        fail_trials(monkeypatch, lambda n: n == 1, error)
+    else:
+        real = Tracker.start_trial
+
+        def start_trial(self: Tracker, model: str, label: Any, params: Any) -> str:
+            if label == 1:
+                raise error
+            return real(self, model, label, params)
+
+        monkeypatch.setattr(Tracker, "start_trial", start_trial)
+    search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False))
+    trials = study.get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs["error"] == recorded
+    assert "error" not in trials[0].user_attrs
+    assert len(counted(study)) == 3 and len(trials) == 4  # the next trials ran
+    assert not (tiny_cfg.out / "trials" / "mlp" / "0001").exists()  # a failed trial leaves none
+    assert (tiny_cfg.out / "trials" / "mlp" / "0003" / "oof.npz").exists()
+    assert f"tiny/mlp trial 1 failed: {recorded}\n" in capsys.readouterr().out
+    (row,) = search.progress(tiny_cfg, search.open_storage(tiny_cfg))
+    assert row.failed == 1
+
+
+def test_failures_in_a_row_stop_the_worker_naming_the_model_the_count_and_the_last_error(
+    tiny_cfg: StudyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, split, study = prepare(tiny_cfg)
+    fail_trials(monkeypatch, lambda n: True, ValueError("no such width: -1"))
+    with pytest.raises(SearchError) as stopped:
+        search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False))
+    assert str(stopped.value) == (
+        "model 'mlp': 4 trials in a row failed, the last (trial 3) with ValueError: no such "
+        "width: -1; this worker stops, since something is wrong beyond one trial"
+    )
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4
+    assert {t.user_attrs["error"] for t in trials} == {"ValueError: no such width: -1"}
+
+
+def test_failures_not_in_a_row_do_not_stop_the_worker(
+    tiny_cfg: StudyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, split, study = prepare(tiny_cfg)
+    fail_trials(monkeypatch, lambda n: n in (0, 1, 2, 4, 5, 6), RuntimeError("flaky"))
+    search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False))
+    states = [t.state for t in study.get_trials()]
+    assert states[:4] == [TrialState.FAIL] * 3 + [states[3]] and states[3] in FINISHED
+    assert states[4:7] == [TrialState.FAIL] * 3
+    assert len(states) == 9 and len(counted(study)) == 3
+
+
+def test_a_keyboard_interrupt_in_a_trial_still_ends_the_worker(
+    tiny_cfg: StudyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, split, study = prepare(tiny_cfg)
+    fail_trials(monkeypatch, lambda n: n == 1, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        search.run_worker(tiny_cfg, data, split, Tracker(tiny_cfg, enabled=False))
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]  # none after it
+    assert "error" not in trials[1].user_attrs
+
+
+def test_the_cli_says_in_one_line_why_a_worker_stopped(tiny_file: Path, tmp_path: Path) -> None:
+    """`workbench study` whose model factory raises in every trial (patched in the forked
+    worker by a sitecustomize module): the worker stops after 4 and the parent says why."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import workbench.cv\n\n\n"
+        "def create_model(*args, **kwargs):\n"
+        "    raise ValueError('no such width: -1')\n\n\n"
+        "workbench.cv.create_model = create_model\n"
+    )
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    result = run_cli(
+        "study", str(tiny_file), "--workers", "1", cwd=tmp_path, env={**ENV, "PYTHONPATH": path}
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    log = tmp_path / "runs" / "tiny" / "logs" / "worker-0.log"
+    line = (
+        "worker 0 stopped: model 'mlp': 4 trials in a row failed, the last (trial 3) with "
+        f"ValueError: no such width: -1; this worker stops, since something is wrong beyond one "
+        f"trial (log: {log})"
+    )
+    assert line in result.stdout.splitlines(), out
+    assert "Traceback" not in out
+    said = log.read_text()
+    assert all(
+        f"tiny/mlp trial {n} failed: ValueError: no such width: -1\n" in said for n in range(4)
+    )
 
 
 # --- races --------------------------------------------------------------------------------------

@@ -29,3 +29,7 @@ class TrainingError(WorkbenchError, RuntimeError):
 
 class StorageError(WorkbenchError, RuntimeError):
     """The Optuna storage cannot be reached, or holds a study the study file no longer matches."""
+
+
+class SearchError(WorkbenchError, RuntimeError):
+    """Trial after trial of one model fails: something is wrong beyond any one trial."""

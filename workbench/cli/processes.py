@@ -27,7 +27,6 @@ import torch
 
 from workbench import search, tracking
 from workbench.config import StudyConfig
-from workbench.console import print_error
 from workbench.data import V2_KEYS, ImageData, Split, batch_mixer, per_image
 from workbench.errors import WorkbenchError
 from workbench.models import create_model
@@ -51,8 +50,8 @@ def work(cfg: StudyConfig, data: ImageData, split: Split, index: int) -> int:
     except Interrupted as e:
         print(f"worker {index}: {e}", flush=True)
         return 130
-    except WorkbenchError as e:
-        print_error(e)
+    except WorkbenchError as e:  # one line, unwrapped (a log is no terminal): the parent shows it
+        print(f"error: {' '.join(str(e).split())}", flush=True)
         return 2
     except Exception:
         traceback.print_exc()

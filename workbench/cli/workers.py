@@ -5,10 +5,12 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 
 from workbench import search
 from workbench.cli.processes import Forked, Spawned
@@ -55,19 +57,36 @@ def run_workers(cfg: StudyConfig, procs: Sequence[Worker], storage: search.RDBSt
                 )
                 _wait_a_second(procs)
             live.update(progress_table(search.progress(cfg, storage), cfg.cv.metric, n, started))
+        if not console.is_terminal:  # Live ends the table's last line only in a terminal
+            console.line()
     finally:
         signal.signal(signal.SIGINT, previous)
     bad = [i for i, p in enumerate(procs) if p.returncode not in (0, 130)]
     for i in bad:
-        tail = (logs / f"worker-{i}.log").read_text().strip().splitlines()[-15:]
-        console.print(
-            f"[red]worker {i} exited with {procs[i].returncode}[/]; "
-            f"last lines of {logs / f'worker-{i}.log'}:\n" + "\n".join(tail)
-        )
+        _why(i, procs[i].returncode, logs / f"worker-{i}.log")
     rows = search.progress(cfg, storage)
     if bad and not stopping and any(r.complete + r.pruned < r.target for r in rows):
         raise typer.Exit(1)  # a worker died and the others could not finish its share
     return bool(stopping)
+
+
+def _why(index: int, code: int | None, log: Path) -> None:
+    """Why a worker ended: its one error line (exit 2: it stopped on purpose, e.g. trial after
+    trial failed), else the last lines of its log (a traceback)."""
+    lines = log.read_text().strip().splitlines() if log.exists() else []
+    said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    if code == 2 and said:
+        console.print(
+            f"[red]worker {index} stopped:[/] {escape(said[-1])} (log: {log})",
+            soft_wrap=True,
+            highlight=False,
+        )
+        return
+    console.print(
+        f"[red]worker {index} exited with {code}[/]; last lines of {log}:\n"
+        + escape("\n".join(lines[-15:])),
+        highlight=False,
+    )
 
 
 def _wait_a_second(procs: Sequence[Worker]) -> None:

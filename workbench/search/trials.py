@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from workbench.config import Choice, IntRange, Param, StudyConfig
 from workbench.cv import CrossValidator, Pruned, Report, run_state
 from workbench.data import ImageData, Split
-from workbench.errors import CheckpointError, StorageError, TrainingError
+from workbench.errors import SearchError
 from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
 from workbench.search.snapshots import is_surplus_snapshot, queue_snapshot
@@ -72,6 +72,14 @@ class Surplus(Exception):
     """Other workers took the study's last trial first: this one ends (FAIL) before any work."""
 
 
+class TrialFailed(Exception):
+    """Any other error stopped the trial (a full disk, a factory's ValueError, MLflow's "database
+    is locked"): it ends FAIL with user attr `error`, and the worker goes on to the next."""
+
+
+FAILURES_IN_A_ROW = 4  # of one model stop the worker: something is wrong beyond one trial
+
+
 def _surplus(trial: Trial, target: int) -> bool:
     """Do the trials numbered before this one (finished, running or queued) fill the study?"""
     taken = trial.study.get_trials(deepcopy=False, states=TAKEN)
@@ -96,6 +104,23 @@ class Objective:
         except UpdateFinishedTrialError:  # our heartbeats stalled past the grace period
             self.superseded = trial.number
             raise
+        except (Interrupted, optuna.TrialPruned, Surplus):  # each has its own path
+            raise
+        except Exception as e:  # not BaseException: a KeyboardInterrupt ends the worker
+            raise self._failed(trial, e) from e
+
+    def _failed(self, trial: Trial, e: Exception) -> TrialFailed:
+        """Log the error in one line and record it on the trial (user attr `error`)."""
+        error = " ".join(f"{type(e).__name__}: {e}".split())[:1000].removesuffix(":")
+        print(f"{trial.study.study_name} trial {trial.number} failed: {error}", flush=True)
+        try:
+            trial.set_user_attr("error", error)
+        except UpdateFinishedTrialError:  # another worker failed it meanwhile: its retry's now
+            self.superseded = trial.number
+            raise
+        except Exception:  # the storage itself fails: the log line above is the record
+            pass
+        return TrialFailed(error)
 
     def _run(self, trial: Trial) -> float:
         cfg, model, store = self.cv.cfg, self.cv.model, self.cv.run_store
@@ -208,8 +233,8 @@ def run_worker(
 
     Then wait while other workers' trials run: if one's worker dies, its trial is failed after 3
     missed heartbeats and its retry runs here. Failed trials (a full disk, a corrupt file) are
-    recorded and do not count; more than three in a row of one model stops the worker, since
-    something is wrong beyond one trial.
+    recorded (user attr `error`) and do not count; FAILURES_IN_A_ROW of one model stop the
+    worker (SearchError), since something is wrong beyond one trial.
     """
     try:
         _work(cfg, data, split, tracker, worker, models, should_stop)
@@ -286,8 +311,18 @@ def _work(
         ended = _run_one(study, obj)
         failed = ended is not None and ended.state == TrialState.FAIL
         failures[name] = failures[name] + 1 if failed else 0
-        if failures[name] > 3:
-            raise StorageError(f"{study.study_name}: 4 trials in a row failed; see the log")
+        if ended is not None and failures[name] >= FAILURES_IN_A_ROW:
+            raise _too_many(name, failures[name], ended)
+
+
+def _too_many(job: str, count: int, last: FrozenTrial) -> SearchError:
+    model, _, snapshots = job.partition("/")
+    runs = "snapshot runs" if snapshots else "trials"
+    error = last.user_attrs.get("error", "an error the worker's log shows")
+    return SearchError(
+        f"model '{model}': {count} {runs} in a row failed, the last (trial {last.number}) with "
+        f"{error}; this worker stops, since something is wrong beyond one trial"
+    )
 
 
 def _either(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
@@ -302,7 +337,7 @@ def _run_one(study: optuna.Study, objective: Objective) -> FrozenTrial | None:
         study.optimize(
             objective,
             n_trials=1,
-            catch=(OSError, CheckpointError, TrainingError, Surplus),
+            catch=(TrialFailed, Surplus),
             callbacks=[lambda _, trial: ended.append(trial)],
         )
     except ValueError:  # Optuna's "Cannot tell a FAIL trial": another worker failed it
