@@ -29,3 +29,7 @@ class TrainingError(WorkbenchError, RuntimeError):
 
 class StorageError(WorkbenchError, RuntimeError):
     """The Optuna storage cannot be reached, or holds a study the study file no longer matches."""
+
+
+class ExportError(WorkbenchError, RuntimeError):
+    """The final model cannot be packaged or exported, or its export predicts differently."""
