@@ -31,12 +31,13 @@ from workbench.serving import ServedModel, prediction_columns
 #   row 3: 2 2 0 0  (2-2 tie; mean p of classes 0 and 2 equal -> lowest index 0)
 #   row 4: 1 0 1 0  (2-2 tie; class 0 has the higher mean -> 0)
 #   row 5: 2 1 1 2  (2-2 tie; class 1 has the higher mean -> 1)
+T = 0.4 + 1e-3  # breaks a tie of 0.4 and 0.4 inside one member
 P = np.array(
     [
-        [[0.5, 0.1, 0.4], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.4, 0.2, 0.4 + 1e-3], [0.3, 0.5, 0.2], [0.3, 0.3, 0.4]],
-        [[0.5, 0.1, 0.4], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3], [0.4, 0.2, 0.4 + 1e-3], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]],
-        [[0.1, 0.1, 0.8], [0.3, 0.6, 0.1], [0.2, 0.2, 0.6], [0.4 + 1e-3, 0.2, 0.4], [0.2, 0.5, 0.3], [0.1, 0.8, 0.1]],
-        [[0.1, 0.1, 0.8], [0.6, 0.3, 0.1], [0.7, 0.2, 0.1], [0.4 + 1e-3, 0.2, 0.4], [0.8, 0.1, 0.1], [0.3, 0.2, 0.5]],
+        [[.5, .1, .4], [.2, .7, .1], [.6, .3, .1], [.4, .2, T], [.3, .5, .2], [.3, .3, .4]],
+        [[.5, .1, .4], [.1, .8, .1], [.2, .5, .3], [.4, .2, T], [.6, .3, .1], [.1, .8, .1]],
+        [[.1, .1, .8], [.3, .6, .1], [.2, .2, .6], [T, .2, .4], [.2, .5, .3], [.1, .8, .1]],
+        [[.1, .1, .8], [.6, .3, .1], [.7, .2, .1], [T, .2, .4], [.8, .1, .1], [.3, .2, .5]],
     ]
 )  # fmt: skip
 P = P / P.sum(axis=2, keepdims=True)
@@ -164,13 +165,17 @@ def test_serving_takes_pixels_floats_and_files_alike() -> None:
 @pytest.mark.parametrize(
     ("given", "says"),
     [
-        (np.full((2, 8, 8), 17, np.uint8), "uint8 pixels must lie in [0, 16]; got values in [17, 17]"),
-        (np.full((2, 1, 8, 8), 1.5), "float images must lie in [0, 1]; got values in [1.5, 1.5]; pass the pixels as uint8"),
-        (np.zeros((2, 9, 9), np.uint8), "images must have shape (N, 8, 8, 1) or (N, 1, 8, 8) or (N, 8, 8); got (2, 9, 9)"),
+        (np.full((2, 8, 8), 17, np.uint8), "uint8 pixels must lie in [0, 16]; got values in "
+         "[17, 17]"),
+        (np.full((2, 1, 8, 8), 1.5), "float images must lie in [0, 1]; got values in [1.5, 1.5]; "
+         "pass the pixels as uint8"),
+        (np.zeros((2, 9, 9), np.uint8), "images must have shape (N, 8, 8, 1) or (N, 1, 8, 8) or "
+         "(N, 8, 8); got (2, 9, 9)"),
         (np.zeros((0, 8, 8), np.uint8), "no images given"),
         (pd.DataFrame({"img": ["x"]}), "a DataFrame input needs an 'image' column"),
         (pd.DataFrame({"image": ["not base64!"]}), "image row 0 is text but not base64"),
-        (pd.DataFrame({"image": [base64.b64encode(b"hello").decode()]}), "image row 0 is not an image file"),
+        (pd.DataFrame({"image": [base64.b64encode(b"hello").decode()]}),
+         "image row 0 is not an image file"),
         (pd.DataFrame({"image": [3]}), "image row 0 is int"),
     ],
 )  # fmt: skip

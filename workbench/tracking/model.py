@@ -144,8 +144,15 @@ def _pyfunc_model(loader: str) -> Any:
             self.model = target(context.artifacts["final"])
 
         # No hints: mlflow would check inputs against them, and the model checks its own.
+        # Its errors (ValueError: the input is not what it takes) become MlflowException, which
+        # the scoring server answers with the message and 400 (others: a generic 500 text).
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-            return self.model.predict(model_input)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return self.model.predict(model_input)
+            except ValueError as e:
+                raise MlflowException.invalid_parameter_value(str(e)) from None
 
     return EnsembleModel(loader)
 
