@@ -41,7 +41,7 @@ def check_predict_on_grey_digits(study_file: Path, tmp_path: Path, out: Path) ->
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from workbench.export import FinalEnsemble
+    from workbench.final import FinalEnsemble
 
     digits = load_digits()
     folder = tmp_path / "new"

@@ -14,7 +14,8 @@ from workbench.config import StudyConfig, load_study
 from workbench.data import load_data, load_or_make_split
 from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
 from workbench.ensemble.stage import HeldOut, run_ensemble
-from workbench.export import FinalEnsemble, save_final
+from workbench.export import save_final
+from workbench.final import FinalEnsemble
 from workbench.infer import member_probas
 from workbench.tracking import Tracker
 

@@ -118,7 +118,7 @@ def check_predict_matches_the_training_inputs(
     so the probabilities are the final model's on the store's own pixels."""
     import csv
 
-    from workbench.export import FinalEnsemble
+    from workbench.final import FinalEnsemble
 
     (photos / "zero" / "notes.txt").write_text("not an image")
     table = tmp_path / "predictions.csv"

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from conftest import CLI_ENV, TINY, mlflow_server, run_cli
 
@@ -351,14 +352,14 @@ def test_ensemble_run_holds_test_metrics_results_and_model(record: Record) -> No
 LOAD = """
 import sys, numpy as np, mlflow
 model = mlflow.pyfunc.load_model(sys.argv[1])
-np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+model.predict(np.load(sys.argv[2])).to_csv(sys.argv[3], index=False)
 print(sys.modules["workbench"].__file__)
 """
 
 
 def test_logged_model_predicts_like_the_final_ensemble(record: Record) -> None:
     from workbench.cli import prepare
-    from workbench.export import FinalEnsemble
+    from workbench.final import FinalEnsemble
 
     (ens,) = (r for r in record.runs() if r.kind == "ensemble" and r.parent is None)
     _, data, split = prepare(record.study_file, None, None)
@@ -367,7 +368,7 @@ def test_logged_model_predicts_like_the_final_ensemble(record: Record) -> None:
     fresh = record.tmp / "fresh"
     fresh.mkdir()
     loaded = subprocess.run(
-        [sys.executable, "-c", LOAD, f"runs:/{ens.id}/model", "../test_x.npy", "proba.npy"],
+        [sys.executable, "-c", LOAD, f"runs:/{ens.id}/model", "../test_x.npy", "out.csv"],
         cwd=fresh,
         env={**ENV, "MLFLOW_TRACKING_URI": record.store},
         capture_output=True,
@@ -380,10 +381,13 @@ def test_logged_model_predicts_like_the_final_ensemble(record: Record) -> None:
     source = Path(loaded.stdout.strip().splitlines()[-1])
     assert source.parts[-3:] == ("code", "workbench", "__init__.py"), source
     assert source.resolve() != Path(workbench.__file__).resolve()
-    got = np.load(fresh / "proba.npy")
+    table = pd.read_csv(fresh / "out.csv", dtype={"label": str})
+    assert list(table.columns) == ["label", "probability", *[f"p_{d}" for d in range(10)]]
+    got = table[[f"p_{d}" for d in range(10)]].to_numpy()
     expected = FinalEnsemble.load(record.out / "ensemble" / "final").predict_proba(images)
     assert got.shape == expected.shape == (len(split.test_idx), 10)
-    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+    assert table["label"].tolist() == [str(d) for d in expected.argmax(1)]
+    np.testing.assert_allclose(table["probability"], expected.max(1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 

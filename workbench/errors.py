@@ -33,3 +33,7 @@ class StorageError(WorkbenchError, RuntimeError):
 
 class SearchError(WorkbenchError, RuntimeError):
     """Trial after trial of one model fails: something is wrong beyond any one trial."""
+
+
+class ExportError(WorkbenchError, RuntimeError):
+    """The final model cannot be packaged or exported, or its export predicts differently."""

@@ -75,8 +75,9 @@ class ModelPackaged:
     loader: str  # "module:attr", called with the "final" artifact's local path once loaded
     code_paths: list[str]  # the workbench package travels with the model
     requirements: list[str]  # pip requirements of the packaged code
-    input_example: Any  # np.ndarray (N, C, H, W) float32 in [0, 1]
-    output_example: Any  # np.ndarray (N, classes): what the model returns for it
+    input_example: Any  # a request: DataFrame with an "image" column of base64 PNG files
+    output_example: Any  # DataFrame: what the model returns for it (label, p_<class>, ...)
+    files: dict[str, str] = field(default_factory=dict)  # artifact folder -> local file beside
 
 
 Event = FoldStarted | EpochEnded | CheckpointWritten | FoldEnded | FoldResumed

@@ -4,9 +4,8 @@ that loads on its own, and what tracking needs to log it as a loadable MLflow mo
     final/ensemble.json          classes, input shape, members, the rule (ensemble/rule.py)
     final/members/<i>/fold-k.pt  member i's k fold models (state dicts; normalisation included)
 
-The folder stores numbers and state dicts, not a pickle. `FinalEnsemble.predict_proba` runs the
-members through workbench/infer.py and combines them with the fitted combiner rebuilt from the
-rule, so what is served is what was scored on the test split, ties included.
+The folder stores numbers and state dicts, not a pickle. It loads as one `FinalEnsemble` module
+(workbench/final.py), and the MLflow model serves it through workbench/serving.py.
 """
 
 from __future__ import annotations
@@ -14,73 +13,15 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import workbench
-from workbench.ensemble.rule import fitted_rule
 from workbench.events import ModelPackaged
 from workbench.files import atomic_write
-from workbench.infer import fold_mean
-from workbench.models import Classifier
-from workbench.train import load_model
-
-LOADER = "workbench.export:FinalEnsemble.load"  # what a packaged model calls on its folder
-
-
-@dataclass
-class FinalEnsemble:
-    """Predicts images (N, C, H, W) with values in [0, 1]; preprocessing travels in the members."""
-
-    members: list[list[Classifier]]  # per member, its k fold models
-    names: list[str]
-    state: dict[str, Any]  # the combiner's rule (workbench/ensemble/rule.py)
-    classes: list[str]
-    in_shape: tuple[int, int, int]
-    preprocess: dict[str, Any] = field(default_factory=dict)  # how files became training inputs
-
-    def __post_init__(self) -> None:
-        self.rule = fitted_rule(self.state, len(self.classes))
-
-    def member_probas(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """(members, rows, classes): each member's mean over its fold models."""
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        if tuple(x.shape[1:]) != self.in_shape:
-            raise ValueError(
-                f"images must have shape (N, {', '.join(map(str, self.in_shape))}) "
-                f"with values in [0, 1]; got {tuple(x.shape)}"
-            )
-        return np.stack([fold_mean(folds, x) for folds in self.members])
-
-    def predict_proba(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        return np.asarray(self.rule.predict_proba(self.member_probas(x)))
-
-    def predict(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        return np.asarray(self.rule.predict(self.member_probas(x)))
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str = "cpu") -> FinalEnsemble:
-        folder = Path(folder)
-        meta = json.loads((folder / "ensemble.json").read_text())
-        members = [
-            [
-                load_model(folder / "members" / str(i) / f"fold-{k}.pt", device)
-                for k in range(meta["folds"])
-            ]
-            for i in range(len(meta["members"]))
-        ]
-        return cls(
-            members,
-            meta["members"],
-            meta["combiner"],
-            meta["classes"],
-            tuple(meta["in_shape"]),
-            meta.get("preprocess", {}),
-        )
+from workbench.serving import IMAGE_COLUMN, LOADER, ServedModel, encode_png, requirements
 
 
 def save_final(
@@ -119,23 +60,28 @@ def save_final(
     return folder
 
 
-def packaged(final: Path, input_example: np.ndarray) -> ModelPackaged:
-    """The final folder packaged for tracking, with an input example and its output."""
-    import torchvision
+def serving_example(pixels: np.ndarray, scale: float) -> Any:
+    """A REST client's request body: a DataFrame of base64 PNG files of `pixels` (N, C, H, W)
+    uint8 with full intensity `scale`."""
+    import pandas as pd
 
-    output = FinalEnsemble.load(final).predict_proba(input_example)
+    eight = np.rint(pixels.astype(np.float64) * (255.0 / scale)).astype(np.uint8)
+    images = eight[:, 0] if eight.shape[1] == 1 else eight.transpose(0, 2, 3, 1)
+    return pd.DataFrame({IMAGE_COLUMN: [encode_png(im) for im in images]})
+
+
+def packaged(final: Path, pixels: np.ndarray, scale: float, files: dict[str, str]) -> ModelPackaged:
+    """The final folder packaged for tracking: an example request (PNG files of `pixels`) and
+    its answer, requirements found by loading the model in a fresh interpreter, and `files`
+    (artifact folder -> local path) logged beside it (the ONNX graph)."""
+    example = serving_example(pixels, scale)
+    output = ServedModel.load(final).predict(example)
     return ModelPackaged(
         artifacts={"final": str(final)},
         loader=LOADER,
         code_paths=[str(Path(workbench.__file__).parent)],
-        requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"torchvision=={torchvision.__version__.split('+')[0]}",  # models.py imports it
-            "numpy",
-            "scipy",
-            "scikit-learn",
-            "pydantic",
-        ],
-        input_example=input_example,
+        requirements=requirements(final, [example, pixels]),
+        input_example=example,
         output_example=output,
+        files=files,
     )

@@ -3,9 +3,10 @@
 Files, folders (searched recursively) and glob patterns are decoded by the one decoding function
 of the image store (workbench/data/photos.py) with the policy saved in the final model's
 `ensemble.json` (image size, resize policy, channels), so a photo meets the model exactly as the
-training photos did. The table has one row per image: its path, the predicted class, that
-class's probability and one probability column per class; with labels from the folders, also
-the true class.
+training photos did. The table has one row per image: its path, the predicted class (the
+final module's label, hard-vote ties included), that class's probability and one probability
+column per class (workbench/serving.py's columns, as the MLflow model returns them); with labels
+from the folders, also the true class.
 """
 
 from __future__ import annotations
@@ -17,38 +18,33 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.data.photos import BadImage, Policy, decode
+from workbench.data.photos import BadImage
 from workbench.errors import DataError
-from workbench.export import FinalEnsemble
+from workbench.final import FinalEnsemble
+from workbench.serving import decode_file, prediction_columns
 from workbench.train import EVAL_BATCH
-
-_LUMA = np.array([299, 587, 114]) / 1000  # ITU-R 601-2, as PIL's convert("L")
 
 
 @dataclass
 class Predictions:
     paths: list[str]
     proba: np.ndarray  # (images, classes), rows sum to 1
+    label_index: np.ndarray  # (images,) the model's labels (hard votes: its tie rule)
     classes: list[str]
     skipped: list[str] = field(default_factory=list)  # "path: reason"
 
     @property
     def labels(self) -> list[str]:
-        return [self.classes[i] for i in self.proba.argmax(1)]
+        return [self.classes[i] for i in self.label_index]
 
     def table(self, truth: list[str] | None = None) -> dict[str, list[object]]:
         """Columns: path, label, probability, [true_label], then p_<class> for every class."""
-        best = self.proba.max(1)
-        cols: dict[str, list[object]] = {
-            "path": list(self.paths),
-            "label": list(self.labels),
-            "probability": [float(p) for p in best],
-        }
+        cols = prediction_columns(self.proba, self.label_index, self.classes)
+        head: dict[str, list[object]] = {"path": list(self.paths)}
+        head.update({k: cols.pop(k) for k in ("label", "probability")})
         if truth is not None:
-            cols["true_label"] = list(truth)
-        for k, c in enumerate(self.classes):
-            cols[f"p_{c}"] = [float(p) for p in self.proba[:, k]]
-        return cols
+            head["true_label"] = list(truth)
+        return {**head, **cols}
 
 
 def image_files(patterns: Iterable[str]) -> list[Path]:
@@ -76,45 +72,35 @@ def predict_files(
     with `strict`). An empty selection is an error."""
     if not files:
         raise DataError("no files to predict: the paths, folders and patterns given match nothing")
-    c, h, w = model.in_shape
-    pre = model.preprocess
-    size = tuple(pre["image_size"]) if pre.get("image_size") else None
-    policy = Policy(size, pre.get("resize_policy", "center_crop"))  # type: ignore[arg-type]
     kept: list[str] = []
     skipped: list[str] = []
-    probas: list[np.ndarray] = []
+    outs: list[tuple[np.ndarray, np.ndarray]] = []
     batch: list[np.ndarray] = []
 
     def flush() -> None:
         if batch:
-            probas.append(model.predict_proba(np.stack(batch)))
+            outs.append(model.run(model.inputs(np.stack(batch), scale=255.0)))
             if progress:
                 progress(len(batch))
             batch.clear()
 
     for f in files:
         try:
-            rgb, _ = decode(f, policy)
+            batch.append(decode_file(model, f, str(f)))
         except BadImage as e:
             if strict:
                 raise DataError(f"{f} {e}; leave --strict off to skip such files") from None
             skipped.append(f"{f}: {e}")
             continue
-        if rgb.shape[:2] != (h, w):
-            raise DataError(
-                f"{f} is {rgb.shape[0]}x{rgb.shape[1]}, but the model takes {h}x{w} images and "
-                f"its training data had no image_size to resize to; resize the file to {h}x{w}"
-            )
-        x = rgb.astype(np.float32) / 255.0  # (H, W, 3) in [0, 1]
-        x = (x @ _LUMA)[None] if c == 1 else x.transpose(2, 0, 1)
-        batch.append(x.astype(np.float32))
         kept.append(str(f))
         if len(batch) == EVAL_BATCH:
             flush()
     flush()
     if not kept:
         raise DataError(f"none of the {len(files)} file(s) is an image: {skipped[0]}")
-    return Predictions(kept, np.concatenate(probas), list(model.classes), skipped)
+    proba = np.concatenate([p for p, _ in outs])
+    labels = np.concatenate([lab for _, lab in outs])
+    return Predictions(kept, proba, labels, list(model.classes), skipped)
 
 
 def folder_labels(paths: list[str], classes: list[str]) -> list[str]:

@@ -101,6 +101,11 @@ class RunStore:
         return self.ensemble / "final"
 
     @property
+    def onnx(self) -> Path:
+        """The final model as one ONNX graph (workbench/graph.py)."""
+        return self.ensemble / "model.onnx"
+
+    @property
     def images(self) -> Path:
         """The image store: the dataset decoded once (workbench/data/imagestore.py)."""
         return self.root / "images"

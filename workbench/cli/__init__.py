@@ -3,8 +3,10 @@
 workbench study FILE [--data PATH] [--trials N] [--workers N]   search, ensemble, report
 workbench worker FILE [--data PATH] [--index I]                 join a running search
 workbench ensemble FILE / workbench report FILE                 one stage, on stored studies
+workbench predict FILE IMAGES... / workbench export FILE --onnx P  use the final model
 """
 
+from workbench.cli import use  # noqa: F401  (registers predict and export)
 from workbench.cli.commands import app, main, prepare
 
 __all__ = ["app", "main", "prepare"]

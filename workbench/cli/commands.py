@@ -18,7 +18,7 @@ from workbench.cli.processes import FORK, fork_workers, spawn_workers, work
 from workbench.cli.stages import ensemble_stage, report_stage, stage_timer
 from workbench.cli.workers import Worker, run_workers
 from workbench.config import StudyConfig, load_study, resolved
-from workbench.console import best_table, console, labels_table, print_error
+from workbench.console import best_table, console, print_error
 from workbench.data import ImageData, Split, cv_folds, load_data, load_or_make_split
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.files import atomic_write
@@ -169,54 +169,6 @@ def worker(
     except WorkbenchError as e:
         raise _fail(e) from None
     raise typer.Exit(work(cfg, ds, split, index))
-
-
-@app.command()
-def predict(
-    file: StudyFile,
-    images: Annotated[list[str], typer.Argument(help="image files, folders or glob patterns")],
-    out: Annotated[Path, typer.Option("--out", help="the table: .csv, or .parquet")] = Path(
-        "predictions.csv"
-    ),
-    model: Annotated[
-        Path | None, typer.Option(help="a final model folder; default: the study's own")
-    ] = None,
-    labels_from_folders: Annotated[
-        bool, typer.Option(help="each image's class is its folder's name: report accuracy")
-    ] = False,
-    strict: Annotated[bool, typer.Option(help="a file that is not an image is an error")] = False,
-) -> None:
-    """Predict new images with the study's final model; prepared as its training images were."""
-    from rich.progress import Progress
-
-    from workbench import predict as predicting
-    from workbench.export import FinalEnsemble
-
-    configure_threads(1)
-    try:
-        cfg = load_study(file)
-        folder = model or RunStore(cfg.out).final
-        if not (folder / "ensemble.json").is_file():
-            raise ConfigError(
-                f"no final model in {folder}: run `workbench study {file}` first, or pass "
-                f"--model FOLDER (a final/ folder holding ensemble.json)"
-            )
-        final = FinalEnsemble.load(folder)
-        files = predicting.image_files(images)
-        with Progress(transient=True, console=console) as bar:
-            task = bar.add_task(f"predicting {len(files)} files", total=len(files))
-            result = predicting.predict_files(final, files, strict, lambda n: bar.advance(task, n))
-        for line in result.skipped:
-            console.print(f"[yellow]warning:[/] skipped {escape(line)}", highlight=False)
-        truth = (
-            predicting.folder_labels(result.paths, result.classes) if labels_from_folders else None
-        )
-        predicting.write_table(out, result.table(truth))
-        console.print(f"{len(result.paths)} image(s) predicted: {out}")
-        if truth is not None:
-            console.print(labels_table(truth, result.labels, result.classes))
-    except WorkbenchError as e:
-        raise _fail(e) from None
 
 
 def main() -> None:

@@ -1,6 +1,17 @@
 """The MLflow record of a study: only this package imports mlflow (see runs.py for its shape)."""
 
 from workbench.tracking.listener import FoldRuns
+from workbench.tracking.model import MODEL_SCHEMES, download_model
 from workbench.tracking.runs import STATUS, Tracker, artifact_root, flatten, preload, tracking_uri
 
-__all__ = ["STATUS", "FoldRuns", "Tracker", "artifact_root", "flatten", "preload", "tracking_uri"]
+__all__ = [
+    "MODEL_SCHEMES",
+    "STATUS",
+    "FoldRuns",
+    "Tracker",
+    "artifact_root",
+    "download_model",
+    "flatten",
+    "preload",
+    "tracking_uri",
+]

@@ -7,12 +7,16 @@ requirements, examples); nothing here imports the ensemble or export code."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from workbench.config import StudyConfig
+from workbench.errors import ConfigError
 from workbench.events import ModelPackaged
 from workbench.tracking.runs import Tracker
+from workbench.tracking.settings import tracking_uri
+
+CHAMPION = "champion"  # the alias the newest registered final model gets
 
 
 def log_ensemble(tracker: Tracker, results: dict[str, Any], model: ModelPackaged) -> str:
@@ -77,30 +81,39 @@ def _log_ensemble(
 
 
 def _log_model(tracker: Tracker, run_id: str, model: ModelPackaged) -> None:
-    """The final ensemble as one pyfunc model. Its code (the workbench package) travels with it
-    (code_paths), so a fresh process needs no install of ours. Requirements are given (inferring
-    them costs 11-14 s)."""
+    """The final ensemble as one pyfunc model, with the files handed over (the ONNX graph)
+    beside it. Its code (the workbench package) travels with it (code_paths), so a fresh
+    process needs no install of ours; its requirements come packaged. With
+    `tracking.register_as`, the new version gets the alias `champion`."""
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     mlflow.set_tracking_uri(tracker.uri)
+    # no input schema: the model takes pixels or encoded files and checks them itself, with
+    # errors that say what it takes (a schema would reject every form but one)
+    outputs = infer_signature(model.input_example, model.output_example).outputs
     # mlflow warns that python_model is cloudpickled: it is, a small class, by design
     quiet = logging.getLogger("mlflow.pyfunc")
     level, quiet.level = quiet.level, logging.ERROR
     try:
         with mlflow.start_run(run_id=run_id):
-            mlflow.pyfunc.log_model(
+            info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=_pyfunc_model(model.loader),
                 artifacts=model.artifacts,
                 code_paths=model.code_paths,
-                signature=infer_signature(model.input_example, model.output_example),
+                signature=ModelSignature(inputs=None, outputs=outputs),
                 input_example=model.input_example,
-                pip_requirements=model.requirements,
+                pip_requirements=[*model.requirements, f"mlflow=={mlflow.__version__}"],
                 registered_model_name=tracker.cfg.tracking.register_as,
             )
     finally:
         quiet.setLevel(level)
+    for folder, path in model.files.items():
+        tracker.client.log_artifact(run_id, path, folder)
+    name = tracker.cfg.tracking.register_as
+    if name and info.registered_model_version is not None:
+        tracker.client.set_registered_model_alias(name, CHAMPION, info.registered_model_version)
 
 
 def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -115,8 +128,8 @@ def _pyfunc_model(loader: str) -> Any:
     from mlflow.pyfunc import PythonModel
 
     class EnsembleModel(PythonModel):  # type: ignore[misc]
-        """`predict(images)`: float32 images (N, C, H, W) in [0, 1] -> class probabilities
-        (N, classes), exactly the packaged model's predict_proba."""
+        """`predict(images)` -> DataFrame (label, probability, p_<class>...): images as uint8
+        pixels, floats in [0, 1], or a DataFrame `image` column of base64 PNG/JPEG files."""
 
         def __init__(self, loader: str) -> None:
             self.loader = loader
@@ -130,10 +143,41 @@ def _pyfunc_model(loader: str) -> Any:
                 target = getattr(target, part)
             self.model = target(context.artifacts["final"])
 
-        # The hint is read by mlflow when the class is made: np.ndarray gives no schema to check
-        # (the signature does that) and silences "Add type hints to the `predict` method". Only
-        # names the body uses may appear in hints: cloudpickle keeps just those globals.
-        def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # type: ignore[no-untyped-def]
-            return self.model.predict_proba(np.asarray(model_input, dtype=np.float32))
+        # No hints: mlflow would check inputs against them, and the model checks its own.
+        # Its errors (ValueError: the input is not what it takes) become MlflowException, which
+        # the scoring server answers with the message and 400 (others: a generic 500 text).
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return self.model.predict(model_input)
+            except ValueError as e:
+                raise MlflowException.invalid_parameter_value(str(e)) from None
 
     return EnsembleModel(loader)
+
+
+MODEL_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:", "file:", "s3:", "gs:", "http")
+
+
+def download_model(cfg: StudyConfig, uri: str, dest: Path) -> Path:
+    """The final model folder inside the logged model at `uri` (`runs:/<id>/model`,
+    `models:/<name>@champion`, `models:/<name>/<version>`), fetched from the study's MLflow
+    store into `dest`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"--model {uri}: no model there in the MLflow store {tracking_uri(cfg)} ({first}); "
+            "pass runs:/<run id>/model, models:/<name>@<alias>, models:/<name>/<version> "
+            "or a final model folder"
+        ) from None
+    final = local / "artifacts" / "final"
+    if not (final / "ensemble.json").is_file():
+        raise ConfigError(f"--model {uri}: not a workbench final model (no artifacts/final)")
+    return final

@@ -1,0 +1,142 @@
+"""The final ensemble as one ONNX graph: `FinalEnsemble` (workbench/final.py) exported whole, with
+a dynamic batch dimension, and checked with onnxruntime against the torch module.
+
+    images float32 (batch, C, H, W) in [0, 1] -> probabilities float64 (batch, classes),
+                                                 labels int64 (batch,)
+
+`export_onnx` writes the graph and returns the check: on the rows given (the test split), every
+label equal and max |p_onnx - p_torch| <= 1e-5, else ExportError. `quantize` adds a dynamically
+int8-quantized copy (weights int8, activations quantized per batch at run time) and reports its
+size and its accuracy change on the same rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from workbench.errors import ExportError
+from workbench.files import atomic_write
+from workbench.final import FinalEnsemble
+
+TOLERANCE = 1e-5  # max |p_onnx - p_torch| allowed; measured on digits: ~1.4e-7
+INPUTS, OUTPUTS = ["images"], ["probabilities", "labels"]
+
+
+@dataclass(frozen=True)
+class GraphCheck:
+    path: Path
+    bytes: int
+    rows: int  # rows compared
+    max_abs_diff: float  # max |p_onnx - p_torch| over them
+    labels_equal: bool
+    accuracy: float | None  # on the rows, when their labels were given
+
+
+def export_onnx(
+    model: FinalEnsemble, path: Path, x: np.ndarray, y: np.ndarray | None = None
+) -> GraphCheck:
+    """Write `model` as one ONNX graph at `path` and check it on `x` (N, C, H, W)."""
+    example = torch.as_tensor(model.checked(x[: min(len(x), 2)]))
+    tmp = path.with_name(path.name + ".export.onnx")
+    with _quiet():
+        try:
+            torch.onnx.export(
+                model.cpu(),
+                (example,),
+                str(tmp),
+                input_names=INPUTS,
+                output_names=OUTPUTS,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+            )
+        except Exception as e:  # the exporter raises many types; say which model failed
+            raise ExportError(f"the final model cannot be exported to ONNX: {e}") from None
+    atomic_write(path, lambda f: f.write(tmp.read_bytes()))
+    tmp.unlink()
+    return check(model, path, x, y)
+
+
+def check(
+    model: FinalEnsemble, path: Path, x: np.ndarray, y: np.ndarray | None = None
+) -> GraphCheck:
+    """Compare the graph at `path` with `model` on `x`; ExportError when they disagree."""
+    p_torch, l_torch = model.run(x)
+    p_onnx, l_onnx = run_onnx(path, x)
+    diff = float(np.abs(p_onnx - p_torch).max())
+    same = bool(np.array_equal(l_onnx, l_torch))
+    if diff > TOLERANCE or not same:
+        raise ExportError(
+            f"{path}: the ONNX graph disagrees with the torch model on {len(x)} rows: max "
+            f"|p_onnx - p_torch| = {diff:.2e} (allowed {TOLERANCE:g}), "
+            f"{int((l_onnx != l_torch).sum())} label(s) differ"
+        )
+    acc = float(np.mean(l_onnx == y)) if y is not None else None
+    return GraphCheck(path, path.stat().st_size, len(x), diff, same, acc)
+
+
+def session(path: Path, threads: int = 1) -> Any:
+    """An onnxruntime CPU session on `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, x: np.ndarray, threads: int = 1, batch: int = 256) -> tuple[Any, Any]:
+    """(probabilities, labels) from the graph at `path`, in batches of `batch` rows."""
+    sess = session(path, threads)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = [sess.run(None, {INPUTS[0]: x[i : i + batch]}) for i in range(0, len(x), batch)]
+    return np.concatenate([p for p, _ in out]), np.concatenate([lab for _, lab in out])
+
+
+def quantize(path: Path, out: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """A dynamically int8-quantized copy of the graph at `path`; its size and accuracy on
+    (x, y) beside the float graph's."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = out.with_name(out.name + ".tmp.onnx")
+    with _quiet():
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    os.replace(tmp, out)
+    acc_float = float(np.mean(run_onnx(path, x)[1] == y))
+    acc_int8 = float(np.mean(run_onnx(out, x)[1] == y))
+    return {
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "float_bytes": path.stat().st_size,
+        "accuracy": acc_int8,
+        "float_accuracy": acc_float,
+        "accuracy_change": acc_int8 - acc_float,
+    }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter and the quantizer print progress and warnings; keep the terminal ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
