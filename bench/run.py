@@ -4,11 +4,13 @@
     2 tracking         search stage with MLflow on vs off                      <= 5 %
     3 parallelism      trials/hour, 2 workers vs 1                             >= 1.8x
     4 end to end       wall time per stage of the digits study (--trials 3)
-    5 inference        logged pyfunc model vs its members alone (img/s)        >= 0.9x
+    5 inference        logged pyfunc model vs the bare final module (img/s)    >= 0.9x
     6 accuracy         final model vs RBF SVC / logistic regression, same split
     7 store memory     2-worker study on 50,000 32x32 RGB PNGs, PSS summed      <= 1 GB
     8 store loading    10,000 mixed-size JPEGs into the store; reopened  >= 1,000 img/s; < 2 s
     9 store training   fit on uint8 store rows vs float tensors, 28x28          >= 0.95x
+   10 ONNX             the final model: onnxruntime vs torch eager (img/s), 1 thread and all cores
+   11 predict          `workbench predict` on 10,000 PNG files: img/s, share decoding
 
 python bench/run.py [--quick] [--full] [--profile] [--only N[,N]] [--out DIR] [--keep]
 Writes <out>/bench.json and bench.md (default reports/bench/). Studies run in a temp folder.
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/ru
 
 from rich.console import Console
 
-from bench import accuracy, end_to_end, images, inference, output, search_stage, training
+from bench import accuracy, end_to_end, images, inference, output, search_stage, training, use
 from bench.common import ROOT, ItemResult, StudyRun, machine, machine_tag
 from workbench.runtime import configure_threads
 
@@ -49,7 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also profile item 1's loops (cProfile, torch.profiler) into <out>/profile.txt",
     )
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="items to run, e.g. 1 or 2,3")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="items to run, e.g. 1 or 2,3")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="output folder")
     p.add_argument("--keep", action="store_true", help="keep the temp folder of the studies")
     args = p.parse_args(argv)
@@ -124,6 +126,20 @@ def item_9(ctx: Context) -> ItemResult:
     return images.training(ctx.args.quick, ctx.tag())
 
 
+def item_10(ctx: Context) -> ItemResult:
+    run, _, how = ctx.digits()
+    result = use.onnx_vs_torch(run, ctx.args.quick, ctx.tag("1 thread and all cores"))
+    result.setup.insert(0, f"the final model of item 4's digits study ({how})")
+    return result
+
+
+def item_11(ctx: Context) -> ItemResult:
+    run, _, how = ctx.digits()
+    result = use.predict_pngs(run, ctx.tmp, ctx.args.quick, ctx.tag())
+    result.setup.insert(0, f"the final model of item 4's digits study ({how})")
+    return result
+
+
 ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     1: ("Training-loop overhead", item_1),
     2: ("Tracking overhead", item_2),
@@ -134,6 +150,8 @@ ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     7: ("Image store: memory", item_7),
     8: ("Image store: loading", item_8),
     9: ("Training from the store", item_9),
+    10: ("The final model as ONNX", item_10),
+    11: ("Predicting files", item_11),
 }
 
 

@@ -150,6 +150,19 @@ def postgres() -> Iterator[Callable[[str], str]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    """Poll `url` until it answers (90 s at most); fail with the log's tail if `proc` ends."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{what} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
 @contextmanager
 def mlflow_server(folder: Path, *args: str, backend: str | None = None) -> Iterator[str]:
     """`mlflow server` on a free loopback port, its store (SQLite unless `backend`) and log in
@@ -170,16 +183,9 @@ def mlflow_server(folder: Path, *args: str, backend: str | None = None) -> Itera
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: uvicorn runs in a child process
         )
-    api, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    api = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_until_up(f"{api}/health", server, log, "mlflow server")
         yield api
     finally:
         os.killpg(server.pid, signal.SIGTERM)

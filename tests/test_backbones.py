@@ -141,7 +141,8 @@ backbone_lr_scale = {{ low = 0.1, high = 1.0, log = true }}"""
 LOAD = """
 import sys, numpy as np, mlflow
 model = mlflow.pyfunc.load_model(sys.argv[1])
-print(model.predict(np.random.default_rng(0).random((3, 3, 24, 24)).astype(np.float32)).shape)
+table = model.predict(np.random.default_rng(0).random((3, 3, 24, 24)).astype(np.float32))
+print(list(table.columns), table.shape)
 """
 
 
@@ -180,5 +181,7 @@ def test_a_fine_tuned_resnet18_study_runs_and_its_model_loads_without_the_weight
         timeout=300,
     )
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
-    assert loaded.stdout.strip().splitlines()[-1] == "(3, 3)"
+    classes = final["classes"]  # 3 photo classes: label, its probability, one column each
+    columns = ["label", "probability", *[f"p_{c}" for c in classes]]
+    assert loaded.stdout.strip().splitlines()[-1] == f"{columns} (3, 5)"
     assert os.path.exists(out / "ensemble" / "final")

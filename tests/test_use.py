@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import venv
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from conftest import CLI_ENV, TINY, free_port, run_cli
+from conftest import CLI_ENV, TINY, free_port, run_cli, wait_until_up
 from PIL import Image
 
 from workbench.ensemble.rule import fitted_rule
@@ -188,16 +187,9 @@ def served(done: Done) -> Iterator[str]:
             argv, cwd=done.tmp, env=env, stdout=sink, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_until_up(f"{url}/ping", proc, log, "mlflow models serve")
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -280,3 +272,10 @@ def test_the_model_loads_in_a_fresh_venv_from_its_own_requirements(done: Done) -
     assert ran.returncode == 0, ran.stderr[-3000:]
     df = pd.read_csv(done.tmp / "venv.csv", dtype={"label": str})
     np.testing.assert_array_equal(labels(done, df["label"].tolist()), done.scored)
+
+
+def test_the_report_names_the_registered_model(done: Done) -> None:
+    page = (done.tmp / "reports" / "tiny.html").read_text()
+    assert f"registered as <code>models:/{NAME}@champion</code>" in page  # no UI URL: SQLite
+    link = json.loads((done.out / "ensemble" / "mlflow.json").read_text())
+    assert f"final model: <code>{link['model_uri']}</code>" in page

@@ -107,6 +107,20 @@ def tracking_links(cfg: StudyConfig, tracker: Tracker) -> dict[str, Any] | None:
         "experiment_id": tracker.experiment_id(),
         "ui_url": tracker.uri if tracker.uri.startswith("http") else None,
         "study_runs": {m: tracker.study_run(m) for m in cfg.models},
+        "final_model": _final_model_link(cfg),
+    }
+
+
+def _final_model_link(cfg: StudyConfig) -> dict[str, str] | None:
+    """Where the final model is in MLflow (ensemble/mlflow.json), and its registered alias."""
+    path = RunStore(cfg.out).ensemble / "mlflow.json"
+    if not path.exists():
+        return None
+    link = json.loads(path.read_text())
+    name = cfg.tracking.register_as
+    return {
+        "model_uri": link["model_uri"],
+        **({"registered": f"models:/{name}@champion", "name": name} if name else {}),
     }
 
 

@@ -141,6 +141,12 @@ def run_url(tracking: dict[str, Any] | None, run_id: str | None) -> str | None:
     return f"{base}/#/experiments/{exp}/runs/{quote(str(run_id), safe='')}"
 
 
+def model_url(tracking: dict[str, Any] | None, name: str | None) -> str | None:
+    """The MLflow UI page of a registered model (its versions and aliases)."""
+    base = _link_base(tracking)
+    return f"{base}/#/models/{quote(name, safe='')}" if base and name else None
+
+
 def _model_view(section: ModelSection) -> dict[str, Any]:
     trials = section.trials
     done = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
@@ -283,7 +289,8 @@ def environment() -> jinja2.Environment:
         )
         funcs = {"num": num, "signed": signed, "pvalue": pvalue, "seconds": seconds}
         _ENV.filters.update({**funcs, "param": param, "sort_key": sort_key})
-        _ENV.globals.update({"METRICS": METRICS, "DASH": DASH, "run_url": run_url, "at": at})
+        links = {"run_url": run_url, "model_url": model_url}
+        _ENV.globals.update({"METRICS": METRICS, "DASH": DASH, **links, "at": at})
     return _ENV
 
 
