@@ -2,5 +2,15 @@
 
 from workbench.tracking.listener import FoldRuns
 from workbench.tracking.runs import STATUS, Tracker, artifact_root, flatten, preload, tracking_uri
+from workbench.tracking.settings import check_server
 
-__all__ = ["STATUS", "FoldRuns", "Tracker", "artifact_root", "flatten", "preload", "tracking_uri"]
+__all__ = [
+    "STATUS",
+    "FoldRuns",
+    "Tracker",
+    "artifact_root",
+    "check_server",
+    "flatten",
+    "preload",
+    "tracking_uri",
+]
