@@ -106,8 +106,9 @@ def test_an_unreachable_postgresql_storage(populated: Path) -> None:
     file = populated / "tiny.toml"
     file.write_text(text)
     out = fails_cleanly("check", file, populated, populated)
-    assert "cannot reach the Optuna storage" in out and "search.storage" in out
-    assert f"postgresql://workbench:***@127.0.0.1:{port}/studies" in out
+    shown = f"postgresql://workbench:***@127.0.0.1:{port}/studies"  # the password masked
+    assert f"cannot open the Optuna storage '{shown}' (search.storage in {file})" in out
+    assert "Connection refused" in out
     assert "s3cret" not in out  # the password is never shown
 
 

@@ -105,23 +105,23 @@ def check_storage(cfg: StudyConfig, file: Path) -> None:
     url = search.storage_url(cfg)
     shown = search.shown_url(url)
     where = (
-        f"{file}: search.storage"
+        f"search.storage in {file}"
         if cfg.search.storage
         else "WORKBENCH_STORAGE"
         if os.environ.get("WORKBENCH_STORAGE")
-        else "the Optuna storage"
+        else "the default, in the output folder"
     )
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
         raise StorageError(
-            f"{where} = {shown!r} is not a database URL; expected e.g. sqlite:///path/optuna.db "
-            f"or postgresql://user:pass@host/db"
+            f"the Optuna storage {shown!r} ({where}) is not a database URL; expected e.g. "
+            f"sqlite:///path/optuna.db or postgresql://user:pass@host/db"
         ) from None
     if parsed.get_backend_name() == "sqlite":
         why = _sqlite_problem(parsed.database)
         if why:
-            raise StorageError(f"{where} = {shown!r} cannot be used: {why}")
+            raise StorageError(f"cannot open the Optuna storage {shown!r} ({where}): {why}")
         return
     try:
         _connect(parsed)
@@ -129,7 +129,7 @@ def check_storage(cfg: StudyConfig, file: Path) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (pip install 'psycopg[binary]')" if isinstance(e, ImportError) else ""
         raise StorageError(
-            f"cannot reach the Optuna storage {where} = {shown!r}: {first}{hint}; check the "
+            f"cannot open the Optuna storage {shown!r} ({where}): {first}{hint}; check the "
             f"URL and that the database server runs"
         ) from None
 
