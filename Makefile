@@ -11,7 +11,7 @@ WORKERS ?=
 ARGS := $(if $(DATA),--data $(DATA)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS))
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: help install system-deps study ensemble report ui test test-all lint format bench clean
+.PHONY: help install system-deps study check ensemble report ui test test-all lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ system-deps: ## Debian packages the tests use: chromium (report rendering), post
 
 study: install ## run a study: make study [STUDY=studies/x.toml] [DATA=path] [TRIALS=n] [WORKERS=n]
 	$(BIN)/workbench study $(STUDY) $(ARGS)
+
+check: install ## check STUDY's machine, storage, tracking and data, and print its plan; no training
+	$(BIN)/workbench check $(STUDY) $(ARGS)
 
 ensemble: install ## rerun only the ensemble stage on the stored studies of STUDY
 	$(BIN)/workbench ensemble $(STUDY) $(if $(DATA),--data $(DATA))

@@ -17,8 +17,9 @@ console = Console()
 
 
 def print_error(e: WorkbenchError) -> None:
-    """One line for a bad input or a failed check (escaped: "[h, w]" in a message is no tag)."""
-    console.print("[bold red]error:[/]", escape(str(e)), highlight=False)
+    """One line for a bad input or a failed check (escaped: "[h, w]" in a message is no tag;
+    soft-wrapped: the terminal folds a long line, rich does not break it into several)."""
+    console.print("[bold red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
 
 
 def _duration(seconds: float | None) -> str:

@@ -1,6 +1,7 @@
 """The command line, and the only place where the stages are wired together.
 
 workbench study FILE [--data PATH] [--trials N] [--workers N]   search, ensemble, report
+workbench check FILE [--data PATH] [--trials N]                 preflight checks and the plan
 workbench worker FILE [--data PATH] [--index I]                 join a running search
 workbench ensemble FILE / workbench report FILE                 one stage, on stored studies
 workbench predict FILE IMAGES... / workbench export FILE --onnx P  use the final model

@@ -1,7 +1,11 @@
-"""The commands: `study`, `ensemble`, `report` and `worker`.
+"""The commands: `study`, `check`, `ensemble`, `report`, `worker` and `predict`.
 
 workbench study FILE [--data PATH] [--trials N] [--workers N]   search, then ensemble and report
+workbench check FILE [--data PATH] [--trials N] [--workers N]   preflight checks and the plan
 workbench worker FILE [--data PATH] [--index I]                 join a running search
+
+Every command but `predict` runs the preflight checks (cli/preflight.py) in `prepare`, before it
+writes a file or forks a worker.
 """
 
 from __future__ import annotations
@@ -14,12 +18,21 @@ import typer
 from rich.markup import escape
 
 from workbench import search
+from workbench.cli import plan
+from workbench.cli.preflight import Command, run_checks
 from workbench.cli.processes import FORK, fork_workers, spawn_workers, work
 from workbench.cli.stages import ensemble_stage, report_stage, stage_timer
 from workbench.cli.workers import Worker, run_workers
 from workbench.config import StudyConfig, load_study, resolved
 from workbench.console import best_table, console, print_error
-from workbench.data import ImageData, Split, cv_folds, load_data, load_or_make_split
+from workbench.data import (
+    ImageData,
+    Split,
+    cv_folds,
+    load_data,
+    load_or_make_split,
+    make_split,
+)
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.files import atomic_write
 from workbench.models import check_models
@@ -32,6 +45,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 StudyFile = Annotated[Path, typer.Argument(help="study file (TOML), e.g. studies/digits.toml")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="data path; overrides data.path")]
 TrialsOpt = Annotated[int | None, typer.Option("--trials", min=1, help="trials per model")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="worker processes; default: one per core")
+]
 
 
 def _fail(e: WorkbenchError) -> typer.Exit:
@@ -40,14 +56,16 @@ def _fail(e: WorkbenchError) -> typer.Exit:
 
 
 def prepare(
-    file: Path, data_path: str | None, trials: int | None
+    file: Path, data_path: str | None, trials: int | None, command: Command = "study"
 ) -> tuple[StudyConfig, ImageData, Split]:
-    """Load and check the study file, the data and the held-out split (made once, persisted)."""
+    """Load and check the study file, run `command`'s preflight checks, then read the data and
+    the held-out split (made once, persisted; `check` makes it in memory if there is none)."""
     cfg = load_study(file, trials=trials)
     try:
         check_models(cfg)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
+    run_checks(cfg, file, data_path, command)  # before anything is written
     data = load_data(cfg.data, data_path, RunStore(cfg.out).images)
     if data.skipped:  # data.on_bad_file = "skip": say which, here and in the report
         shown = "\n  ".join(data.skipped[:10])
@@ -57,8 +75,14 @@ def prepare(
             + escape(f'(data.on_bad_file = "skip"):\n  {shown}{more}'),
             highlight=False,
         )
-    split = load_or_make_split(data, cfg.data, cfg.seed, RunStore(cfg.out).file("split.npz"))
-    cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed)  # folds <= smallest class
+    path = RunStore(cfg.out).file("split.npz")
+    split = (
+        make_split(data, cfg.data, cfg.seed)
+        if command == "check" and not path.exists()
+        else load_or_make_split(data, cfg.data, cfg.seed, path)
+    )
+    # folds <= smallest class
+    cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed, data.classes)
     return cfg, data, split
 
 
@@ -67,9 +91,7 @@ def study(
     file: StudyFile,
     data: DataOpt = None,
     trials: TrialsOpt = None,
-    workers: Annotated[
-        int | None, typer.Option(help="worker processes; default: one per core")
-    ] = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Run the study: one Optuna search per model, each trial scored by k-fold CV."""
     configure_threads(1)  # before any torch work: the forked workers inherit one thread
@@ -84,8 +106,7 @@ def study(
             RunStore(cfg.out).file("study.resolved.json"),
             lambda f: f.write(json.dumps(resolved(cfg), indent=2).encode()),
         )
-        n = workers or cfg.search.workers
-        n = n or default_workers(cfg.device, cfg.search.workers_per_gpu)
+        n = worker_count(cfg, workers)
         logs = RunStore(cfg.out).logs
         procs: list[Worker] = (
             list(fork_workers(cfg, ds, split, n, logs))  # now: no connection, thread or CUDA yet
@@ -107,6 +128,28 @@ def study(
             raise typer.Exit(130)
         ensemble_stage(cfg, ds, split, tracker)
         report_stage(cfg, ds, split, tracker)
+    except WorkbenchError as e:
+        raise _fail(e) from None
+
+
+def worker_count(cfg: StudyConfig, workers: int | None) -> int:
+    """--workers, else search.workers, else one per core (or workers_per_gpu per GPU)."""
+    n = workers or cfg.search.workers
+    return n or default_workers(cfg.device, cfg.search.workers_per_gpu)
+
+
+@app.command()
+def check(
+    file: StudyFile, data: DataOpt = None, trials: TrialsOpt = None, workers: WorkersOpt = None
+) -> None:
+    """Check the machine, storage, tracking server and data, and print the plan; train nothing.
+
+    Exit 0 when `workbench study` could start, 2 with the one-line error otherwise. It may
+    decode the data into the image store (the study's first step); it creates no Optuna study,
+    no MLflow run and no split file."""
+    try:
+        cfg, ds, split = prepare(file, data, trials, "check")
+        plan.show(cfg, ds, split, worker_count(cfg, workers))
     except WorkbenchError as e:
         raise _fail(e) from None
 
@@ -139,7 +182,7 @@ def _search(
 def ensemble(file: StudyFile, data: DataOpt = None) -> None:
     """Ensemble the stored studies' best trials and evaluate them once on the test split."""
     try:
-        cfg, ds, split = prepare(file, data, None)
+        cfg, ds, split = prepare(file, data, None, "ensemble")
         ensemble_stage(cfg, ds, split, Tracker(cfg))
     except WorkbenchError as e:
         raise _fail(e) from None
@@ -149,7 +192,7 @@ def ensemble(file: StudyFile, data: DataOpt = None) -> None:
 def report(file: StudyFile, data: DataOpt = None) -> None:
     """Write reports/<study>.html from the stored studies and results (no training, no test)."""
     try:
-        cfg, ds, split = prepare(file, data, None)
+        cfg, ds, split = prepare(file, data, None, "report")
         report_stage(cfg, ds, split, Tracker(cfg))
     except WorkbenchError as e:
         raise _fail(e) from None
@@ -165,7 +208,7 @@ def worker(
     """Join the search of a study whose storage exists (from another shell or machine)."""
     configure_threads(1)
     try:
-        cfg, ds, split = prepare(file, data, trials)
+        cfg, ds, split = prepare(file, data, trials, "worker")
     except WorkbenchError as e:
         raise _fail(e) from None
     raise typer.Exit(work(cfg, ds, split, index))

@@ -182,6 +182,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         cfg.seed,
         lambda: infer.member_probas([m.checkpoints for m in members], x_test),
         cfg.cv.metric,
+        cfg.cv.folds,
     )
     if results["reused"] and store.final.exists():
         console.print(

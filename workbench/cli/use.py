@@ -111,7 +111,7 @@ def export(
 
     configure_threads(1)
     try:
-        cfg, ds, split = prepare(file, data, None)
+        cfg, ds, split = prepare(file, data, None, "ensemble")  # the ensemble stage's checks
         final = final_model(cfg, file, model, member)
         x, y = ds.images(split.test_idx).numpy(), ds.y[split.test_idx].numpy()
         checked = graph.export_onnx(final, onnx, x, y)

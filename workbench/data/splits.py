@@ -95,15 +95,19 @@ def load_or_make_split(data: ImageData, cfg: DataConfig, seed: int, path: Path) 
     )
 
 
-def cv_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified k-fold: (train_pos, val_pos) positions into `y`; each position validated once."""
+def cv_folds(
+    y: np.ndarray, folds: int, seed: int, classes: tuple[str, ...] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold: (train_pos, val_pos) positions into `y`; each position validated once.
+    `classes` (the data's class names, indexed by label) name the class an error is about."""
     y = np.asarray(y)
     values, counts = np.unique(y, return_counts=True)
     k = int(np.argmin(counts))
     if folds > counts[k]:
+        label = values[k] if classes is None else repr(classes[int(values[k])])
         raise ConfigError(
             f"`cv.folds` must be <= the smallest class count so every fold sees every class, but "
-            f"cv.folds = {folds} and class {values[k]} has {counts[k]} training row(s); "
+            f"cv.folds = {folds} and class {label} has {counts[k]} training row(s); "
             f"use cv.folds <= {counts[k]}"
         )
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % _SEED_SPACE)

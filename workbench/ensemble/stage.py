@@ -1,8 +1,9 @@
 """The ensembling stage: fit combiners on out-of-fold rows, choose one, score the test split once.
 
 1. Members' OOF probabilities, shape (members, training rows, classes), are the only thing any
-   combiner is fit on. Each method is also cross-validated over the OOF rows (fit on 4/5, scored
-   on 1/5): that estimate, not the test set, chooses the final method.
+   combiner is fit on. Each method is also cross-validated over the OOF rows, in the study's
+   `cv.folds` stratified folds (fewer when a class has fewer rows, so every fold holds every
+   class): that estimate, not the test set, chooses the final method.
 2. The held-out test split is looked at here, once: every member, every method and the best
    single member (best CV score) are scored together, on the members' test probabilities that
    the caller's `predict` gives (member inference is workbench/infer.py; this module works on
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from workbench import evaluate
 from workbench.config import EnsembleConfig
@@ -57,12 +58,23 @@ def _combiner(name: str, cfg: EnsembleConfig, seed: int) -> Any:
     return make_combiner(name, **kwargs)
 
 
-def cross_validated(combiner: Any, P: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
-    """The combiner's OOF-row estimate: fit on 4/5 of the rows, predict the other 1/5, x5."""
+def cross_validated(
+    combiner: Any, P: np.ndarray, y: np.ndarray, seed: int, folds: int = 5
+) -> dict[str, float]:
+    """The combiner's OOF-row estimate: fit on k-1 folds of the rows, predict the k-th, k times."""
     out = np.zeros(P.shape[1:])
-    for fit_rows, held in StratifiedKFold(5, shuffle=True, random_state=seed).split(P[0], y):
+    for fit_rows, held in _folds(y, folds, seed):
         out[held] = clone(combiner).fit(P[:, fit_rows], y[fit_rows]).predict_proba(P[:, held])
     return evaluate.scores(out, y)
+
+
+def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds, at most as many as the smallest class has rows: scikit-learn warns
+    (and a fold lacks that class) otherwise. A class with a single row: plain k-fold."""
+    smallest = int(np.unique(y, return_counts=True)[1].min())
+    k = max(2, min(folds, smallest))
+    splitter = StratifiedKFold if smallest >= k else KFold
+    return list(splitter(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
 def fingerprint(members: list[Member], cfg: EnsembleConfig, test: HeldOut) -> str:
@@ -82,10 +94,11 @@ def run_ensemble(
     seed: int,
     predict: Callable[[], np.ndarray],
     metric: str = "accuracy",
+    folds: int = 5,
 ) -> dict[str, Any]:
     """Fit, choose, evaluate once; returns (and stores) the results. `predict()` gives the
     members' test probabilities (members, test rows, classes); it is called only when the
-    stored evaluation cannot be reused."""
+    stored evaluation cannot be reused. `folds`: the study's cv.folds, for choosing a method."""
     if not members:
         raise WorkbenchError("no completed trials to ensemble: run the search first")
     key = fingerprint(members, cfg, test)
@@ -105,7 +118,7 @@ def run_ensemble(
             "members": [m.name for m in members],
             "weights": [float(w) for w in comb.weights_],
             "oof": evaluate.scores(comb.predict_proba(P), y_train),
-            "oof_cv": cross_validated(comb, P, y_train, seed),
+            "oof_cv": cross_validated(comb, P, y_train, seed, folds),
         }
     chosen = min(methods, key=lambda n: methods[n]["oof_cv"]["log_loss"])
     final = fitted[chosen]

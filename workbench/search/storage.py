@@ -79,6 +79,28 @@ def open_storage(cfg: StudyConfig, tracker: Tracker | None = None) -> RDBStorage
     return storage
 
 
+def missing_studies(cfg: StudyConfig) -> list[str]:
+    """The model studies that the storage lacks, read without creating anything: no file, no
+    table (a SQLite file that does not exist, or a database without Optuna's tables, holds none).
+    The storage is assumed reachable (the CLI's preflight checks it first)."""
+    url, names = storage_url(cfg), [study_name(cfg, m) for m in cfg.models]
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return names
+    storage = RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
+    try:
+        existing = set(optuna.get_all_study_names(storage))
+    except sqlalchemy.exc.SQLAlchemyError:  # no Optuna tables in this database yet
+        existing = set()
+    finally:
+        storage.engine.dispose()
+    return [n for n in names if n not in existing]
+
+
+def shown_url(url: str) -> str:
+    """The storage URL as messages and the plan show it: any password replaced by ***."""
+    return _without_password(url)
+
+
 def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
     """Begin every SQLite transaction with BEGIN IMMEDIATE (the write lock; SQLAlchemy's pysqlite
     recipe), so that a read-then-write of Optuna's (pop a waiting trial, fail a stale one) is

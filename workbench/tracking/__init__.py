@@ -3,6 +3,7 @@
 from workbench.tracking.listener import FoldRuns
 from workbench.tracking.model import MODEL_SCHEMES, download_model
 from workbench.tracking.runs import STATUS, Tracker, artifact_root, flatten, preload, tracking_uri
+from workbench.tracking.settings import check_server
 
 __all__ = [
     "MODEL_SCHEMES",
@@ -10,6 +11,7 @@ __all__ = [
     "FoldRuns",
     "Tracker",
     "artifact_root",
+    "check_server",
     "download_model",
     "flatten",
     "preload",

@@ -1,0 +1,141 @@
+"""`workbench check`'s plan: what a study would run, on what, and where its results would go."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from rich.markup import escape
+from rich.table import Table
+
+from workbench import search, tracking
+from workbench.cli.stages import REPORTS
+from workbench.config import Choice, IntRange, ModelSpec, StudyConfig
+from workbench.console import console
+from workbench.data import ImageData, Split, cv_folds
+from workbench.runtime import gpu_count
+
+CLASSES_SHOWN = 10  # class names listed; the rest are counted
+
+
+def show(cfg: StudyConfig, data: ImageData, split: Split, workers: int) -> None:
+    """Print the three tables of the plan, then the verdict."""
+    console.print(models_table(cfg))
+    console.print(data_table(cfg, data, split))
+    console.print(places_table(cfg, workers))
+    console.print(f"[green]ok:[/] `workbench study` can start ({cfg.name}); nothing was trained")
+
+
+def models_table(cfg: StudyConfig) -> Table:
+    table = Table(title=f"{cfg.name}: models searched ({cfg.search.sampler} sampler)")
+    for col in ("model", "arch", "trials", "fixed", "searched"):
+        table.add_column(col, justify="right" if col == "trials" else "left")
+    table.caption = ensemble_plan(cfg)
+    for name, spec in cfg.models.items():
+        fixed = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+        table.add_row(
+            escape(name),
+            escape(spec.arch or name),
+            str(cfg.trials_for(name)),
+            escape(fixed) or "-",
+            escape(searched(spec)) or "-",
+        )
+    return table
+
+
+def ensemble_plan(cfg: StudyConfig) -> str:
+    e = cfg.ensemble
+    if not e.enabled:
+        return "ensemble: off (ensemble.enabled = false)"
+    snaps = f" + a {e.snapshots}-cycle snapshot run of each best" if e.snapshots > 1 else ""
+    return f"ensemble: the best {e.top_k} trials per model{snaps}; {', '.join(e.methods)}"
+
+
+def searched(spec: ModelSpec) -> str:
+    """Each searched key with its range: `lr 0.0003..0.03 log`, `width {128, 256}`."""
+    parts = []
+    for key, p in spec.space.items():
+        if isinstance(p, Choice):
+            parts.append(f"{key} {{{', '.join(map(str, p.choices))}}}")
+            continue
+        step = None if isinstance(p, IntRange) and p.step == 1 else p.step
+        extra = (" log" if p.log else "") + (f" step {step:g}" if step is not None else "")
+        parts.append(f"{key} {p.low:g}..{p.high:g}{extra}")
+    return "; ".join(parts)
+
+
+def data_table(cfg: StudyConfig, data: ImageData, split: Split) -> Table:
+    c, h, w = data.in_shape
+    names = ", ".join(data.classes[:CLASSES_SHOWN])
+    more = f", ... ({data.num_classes - CLASSES_SHOWN} more)" if data.num_classes > 10 else ""
+    y_train = data.y[split.train_idx].numpy()
+    val = [len(v) for _, v in cv_folds(y_train, cfg.cv.folds, cfg.seed, data.classes)]
+    per_fold = f"{min(val)}" if min(val) == max(val) else f"{min(val)}-{max(val)}"
+    smallest = int(np.bincount(y_train, minlength=data.num_classes).min())
+    rows = [
+        ("source", data.source),
+        ("rows", str(len(data.y))),
+        ("classes", f"{data.num_classes} ({names}{more})"),
+        ("image shape", f"{c} x {h} x {w} (channels x height x width)"),
+        ("split", f"{split.kind}, data fingerprint {split.fingerprint}"),
+        ("training rows", f"{len(split.train_idx)} (smallest class: {smallest})"),
+        ("test rows", f"{len(split.test_idx)} (held out; read once, by the ensemble stage)"),
+        ("folds", f"{cfg.cv.folds} stratified, {per_fold} validation rows each"),
+        ("metric", cfg.cv.metric),
+    ]
+    return _pairs("data and cross-validation", rows)
+
+
+def places_table(cfg: StudyConfig, workers: int) -> Table:
+    missing = search.missing_studies(cfg)
+    n = len(cfg.models)
+    studies = (
+        f"none yet: `workbench study` creates {n}"
+        if len(missing) == n
+        else f"all {n} exist: `workbench study` resumes them"
+        if not missing
+        else f"{n - len(missing)} of {n} exist; new: {', '.join(missing)}"
+    )
+    if cfg.tracking.enabled:
+        where = tracking.tracking_uri(cfg)
+        record = [
+            ("MLflow tracking", _masked(where)),
+            ("MLflow experiment", cfg.tracking.experiment or cfg.name),
+        ]
+    else:
+        record = [("MLflow tracking", "off (tracking.enabled = false)")]
+    rows = [
+        ("device", device_plan(cfg.device)),
+        ("workers", str(workers)),
+        ("output folder", str(cfg.out.absolute())),
+        ("Optuna storage", search.shown_url(search.storage_url(cfg))),
+        ("Optuna studies", studies),
+        *record,
+        ("report", str((REPORTS / f"{cfg.name}.html").absolute())),
+    ]
+    return _pairs("where it runs and where results go", rows)
+
+
+def device_plan(device: str) -> str:
+    gpus = gpu_count() if device != "cpu" else 0
+    if not gpus:
+        return f"{device}: cpu" + (" (no CUDA device visible)" if device == "auto" else "")
+    return f"{device}: {gpus} CUDA device(s), worker i on cuda:(i mod {gpus})"
+
+
+def _masked(uri: str) -> str:
+    """A URI with any password in it replaced by ***."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _pairs(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    return table
