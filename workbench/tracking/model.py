@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from workbench.config import StudyConfig
 from workbench.errors import ConfigError
 from workbench.events import ModelPackaged
@@ -143,10 +145,12 @@ def _pyfunc_model(loader: str) -> Any:
                 target = getattr(target, part)
             self.model = target(context.artifacts["final"])
 
-        # No hints: mlflow would check inputs against them, and the model checks its own.
-        # Its errors (ValueError: the input is not what it takes) become MlflowException, which
-        # the scoring server answers with the message and 400 (others: a generic 500 text).
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        # The hint: mlflow infers no schema from np.ndarray and passes any input through (a
+        # DataFrame too), and it silences "Add type hints to the `predict` method"; the model
+        # checks its inputs itself. Only names the body uses may appear in hints: cloudpickle
+        # keeps just those globals. Its errors (ValueError: not an input it takes) become
+        # MlflowException, which the scoring server answers with the message and 400.
+        def predict(self, context, model_input: np.ndarray, params=None):  # type: ignore[no-untyped-def]
             from mlflow.exceptions import MlflowException
 
             try:
