@@ -108,7 +108,7 @@ KILLED = (
     TINY.format(out="runs")
     .replace('name = "tiny"', 'name = "killed"')  # its own MLflow experiment on the shared server
     .replace("folds = 3", "folds = 5")
-    .replace("epochs = 2", "epochs = 6")
+    .replace("epochs = 2", "epochs = 20")  # ~1 s a fold: room to stop B between folds
     .replace("trials = 3", 'trials = 1\nheartbeat = 1\npruner = "none"')
     .replace("[tracking]\nenabled = false", '[tracking]\nenabled = true\nartifacts = "mlflow"')
 )
