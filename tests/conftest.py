@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -81,6 +82,16 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every path under `folder` (folders too, so a new empty one shows) and each file's sha256."""
+    return {
+        p.relative_to(folder).as_posix(): (
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        )
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ the output folder is left byte-identical. `workbench check` prints the plan and 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -15,22 +14,12 @@ import numpy as np
 import optuna
 import pytest
 import tomllib
-from conftest import CLI_ENV, ROOT, TINY, free_port, run_cli
+from conftest import CLI_ENV, ROOT, TINY, free_port, run_cli, tree
 from sklearn.base import BaseEstimator
 
 from workbench.data import cv_folds
 from workbench.ensemble.stage import cross_validated
 from workbench.errors import ConfigError
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Every path under `folder` (folders too, so a new empty one shows) and each file's sha256."""
-    return {
-        p.relative_to(folder).as_posix(): (
-            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-        )
-        for p in sorted(folder.rglob("*"))
-    }
 
 
 def one_line(text: str) -> str:

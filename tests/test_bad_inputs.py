@@ -1,0 +1,298 @@
+"""Every bad input through the command line, one table: each case is a study file (the tiny study
+with a snippet replaced or appended) and/or arguments, run as a user runs it. Each exits 2 with no
+traceback, prints the hand-written fragment naming the file or key and what would be valid, and
+leaves the output folder (with a file from an earlier run in it) byte-identical."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CLI_ENV, TINY, free_port, run_cli, tree
+from PIL import Image
+
+# Placeholders in snippets, args and fragments: @TMP is the test's folder, @PORT a closed port,
+# @FILE the study file.
+OPEN_TRACKING = "[tracking]\nenabled = false"
+
+
+def photos(root: Path, classes: dict[str, int]) -> None:
+    """An image folder: `classes` maps each class to its number of 8x8 PNGs (0: an empty folder)."""
+    rng = np.random.default_rng(0)
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+@dataclass(frozen=True)
+class Case:
+    fragments: tuple[str, ...]  # each must appear in the output, whitespace collapsed
+    args: tuple[str, ...] = ("study", "@FILE")
+    replace: tuple[tuple[str, str], ...] = ()  # (old, new) in the tiny study's text
+    top: str = ""  # lines before its first table
+    extra: str = ""  # appended: lands in [models.mlp.space] unless it opens a table
+    setup: Callable[[Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    ours: bool = True  # workbench's `error: ...`; typer's own usage errors print a box
+    hidden: str = ""  # must NOT appear (a password)
+    names_file: bool = True  # the study file's path is in the message
+    known_bug: str = ""  # a strict xfail: the product does not yet do this; says what it does
+
+
+CASES: dict[str, Case] = {
+    "toml-syntax": Case(("@FILE: TOML syntax error:", "(at line"), extra="[cv\n"),
+    "unknown-top-level-key": Case(("nmae: unknown key",), top='nmae = "x"'),
+    "unknown-train-key": Case(
+        ("train.epoch: unknown key; did you mean 'epochs'?",),
+        replace=(("epochs = 2", "epoch = 2"),),
+    ),
+    "wrong-type": Case(
+        ("cv.folds: Input should be a valid integer (got 'five')",),
+        replace=(("folds = 3", 'folds = "five"'),),
+    ),
+    "low-above-high": Case(
+        ("models.mlp.space.lr: `low <= high` must hold, but got low=1.0, high=0.01",),
+        replace=(
+            ("lr = { low = 1e-3, high = 3e-2, log = true }", "lr = { low = 1.0, high = 0.01 }"),
+        ),
+    ),
+    "unknown-model": Case(
+        ("models.vit: unknown model 'vit'; registered models:",), extra="[models.vit]\n"
+    ),
+    "unknown-hyperparameter": Case(
+        ("models.mlp.space.widht: 'mlp' has no hyperparameter 'widht'; did you mean 'width'?",),
+        extra="widht = { low = 8, high = 16 }\n",
+    ),
+    "dropout-high-1.5": Case(
+        (
+            "models.mlp.space.dropout: the range's high end 1.5 is out of range; "
+            "'mlp' dropout must be a float in [0, 1)",
+        ),
+        replace=(("high = 0.3", "high = 1.5"),),
+    ),
+    "resnet-depth-50": Case(
+        (
+            "models.resnet.space.depth: choice 50 is not valid; "
+            "'resnet' depth must be one of [10, 18, 34]",
+        ),
+        extra="[models.resnet.space]\ndepth = { choices = [18, 50] }\n",
+    ),
+    "mlp-width-0": Case(
+        ("models.mlp.params.width: 0 is out of range; 'mlp' width must be an int >= 1",),
+        replace=(("width = 64", "width = 0"),),
+    ),
+    "cycles-above-epochs": Case(
+        (
+            "models.mlp: space.epochs low end 3 with params.cycles = 5 breaks a [train] rule: "
+            "`cycles <= epochs` must hold for schedule = 'cosine_restarts', but got cycles=5, "
+            "epochs=3",
+        ),
+        replace=(
+            ("[train]\n", '[train]\nschedule = "cosine_restarts"\n'),
+            ("epochs = 2", "epochs = 6"),  # [train] itself is fine: the space's corner is not
+            ("width = 64", "width = 64, cycles = 5"),
+        ),
+        extra="epochs = { low = 3, high = 6 }\n",
+    ),
+    "artifacts-mlflow-tracking-off": Case(
+        (
+            "tracking.artifacts = 'mlflow' keeps trial files in MLflow, but tracking.enabled is "
+            "false; enable tracking or set tracking.artifacts = 'local'",
+        ),
+        replace=(("enabled = false", 'enabled = false\nartifacts = "mlflow"'),),
+    ),
+    "folds-above-smallest-class": Case(
+        (
+            "`cv.folds` must be <= the smallest class count so every fold sees every class, but "
+            "cv.folds = 500 and class '8' has 139 training row(s); use cv.folds <= 139",
+        ),
+        replace=(("folds = 3", "folds = 500"),),
+        known_bug="the folds are checked against the labels only after the data store "
+        "(runs/tiny/images/) and split.npz are written into the output folder",
+    ),
+    "idx-without-data-path": Case(
+        ("data.path is not set: pass --data PATH or set data.path in the study file",),
+        extra='[data]\nsource = "idx"\n',
+        names_file=False,
+    ),
+    "data-path-missing": Case(
+        ("data.path '@TMP/no-such-folder' does not exist",),
+        extra='[data]\nsource = "idx"\npath = "@TMP/no-such-folder"\n',
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "image-size-0": Case(
+        ("data.image_size: an int (a square) or [height, width], each >= 1",),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\nimage_size = 0\n',
+    ),
+    "unknown-augmentation": Case(
+        ("data.augment.auto_augment: Input should be 'none', 'trivial' or 'rand' (got 'auto')",),
+        extra='[data.augment]\nauto_augment = "auto"\n',
+    ),
+    "unknown-augmentation-key": Case(
+        ("data.augment.rotate: unknown key; did you mean 'rotation'?",),
+        extra="[data.augment]\nrotate = 10\n",
+    ),
+    "searched-mixup-below-0": Case(
+        ("models.mlp.space.mixup: the range's low end -0.5 is not a valid `data.augment.mixup`",),
+        extra="mixup = { low = -0.5, high = 0.2 }\n",
+    ),
+    "cuda-without-gpu": Case(
+        (
+            "@FILE: device = 'cuda', but no CUDA device is visible on this machine",
+            "use device = 'auto' (a GPU where there is one) or 'cpu'",
+        ),
+        top='device = "cuda"',
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    ),
+    "output-dir-under-a-file": Case(
+        (
+            "@FILE: output_dir = '@TMP/runs/plain.txt/out'",
+            "@TMP/runs/plain.txt is a file, not a folder; set output_dir to a writable folder",
+        ),
+        replace=(("@TMP/runs", "@TMP/runs/plain.txt/out"),),
+        setup=lambda t: (t / "runs" / "plain.txt").write_text("a file\n"),
+    ),
+    "unreachable-mlflow": Case(
+        (
+            "cannot reach the MLflow tracking server tracking.uri = 'http://127.0.0.1:@PORT'",
+            "fix the URI, or set tracking.enabled = false",
+        ),
+        replace=((OPEN_TRACKING, '[tracking]\nuri = "http://127.0.0.1:@PORT"'),),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "unreachable-postgresql": Case(
+        (
+            "cannot open the Optuna storage 'postgresql://u:***@127.0.0.1:@PORT/db' "
+            "(search.storage in @FILE)",
+            "Connection refused; check the URL and that the database server runs",
+        ),
+        args=("check", "@FILE"),
+        replace=(
+            ("[search]", '[search]\nstorage = "postgresql://u:pw-s3cret@127.0.0.1:@PORT/db"'),
+        ),
+        hidden="pw-s3cret",
+    ),
+    "report-before-study": Case(
+        (
+            "no study 'tiny/mlp' in sqlite:///@TMP/runs/tiny/optuna.db",
+            "run `workbench study @FILE` first",
+        ),
+        args=("report", "@FILE"),
+    ),
+    "ensemble-before-study": Case(
+        (
+            "no study 'tiny/mlp' in sqlite:///@TMP/runs/tiny/optuna.db",
+            "run `workbench study @FILE` first",
+        ),
+        args=("ensemble", "@FILE"),
+    ),
+    "worker-before-study": Case(
+        (
+            "no study 'tiny/mlp' in sqlite:///@TMP/runs/tiny/optuna.db",
+            "run `workbench study @FILE` first",
+        ),
+        args=("worker", "@FILE"),
+    ),
+    "predict-before-study": Case(
+        ("no final model in @TMP/runs/tiny/ensemble/final: run `workbench study @FILE` first",),
+        args=("predict", "@FILE", "@TMP/x.png"),
+    ),
+    "predict-unknown-registered-model": Case(
+        (
+            "--model models:/nope@champion: no model there in the MLflow store "
+            "sqlite:///@TMP/mlflow.db (Registered Model with name=nope not found); pass "
+            "runs:/<run id>/model, models:/<name>@<alias>, models:/<name>/<version> or a final "
+            "model folder",
+        ),
+        args=("predict", "@FILE", "@TMP/x.png", "--model", "models:/nope@champion"),
+        replace=((OPEN_TRACKING, '[tracking]\nuri = "sqlite:///@TMP/mlflow.db"'),),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "export-before-study": Case(
+        (
+            "no study 'tiny/mlp' in sqlite:///@TMP/runs/tiny/optuna.db",
+            "run `workbench study @FILE`",
+        ),
+        args=("export", "@FILE", "--onnx", "@TMP/model.onnx"),
+    ),
+    "empty-class-folder": Case(
+        ("class folder @TMP/photos/c holds no image files",),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\n',
+        setup=lambda t: photos(t / "photos", {"a": 6, "b": 6, "c": 0}),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "single-class-folder": Case(
+        ("image folder @TMP/photos has 1 class subfolder(s) ['a']; a classifier needs >= 2",),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\n',
+        setup=lambda t: photos(t / "photos", {"a": 6}),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "study-file-missing": Case(
+        ("@TMP/nope.toml: study file not found",),
+        args=("study", "@TMP/nope.toml"),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "trials-0": Case(
+        ("Invalid value for '--trials': Input should be greater than or equal to 1",),
+        args=("study", "@FILE", "--trials", "0"),
+        ours=False,
+        names_file=False,  # it names the key, folder or option instead
+    ),
+}
+
+
+def sub(text: str, tmp: Path, port: int, file: Path) -> str:
+    return text.replace("@TMP", str(tmp)).replace("@PORT", str(port)).replace("@FILE", str(file))
+
+
+PARAMS = [
+    pytest.param(
+        case,
+        id=name,
+        marks=[pytest.mark.xfail(reason=case.known_bug, strict=True)] if case.known_bug else [],
+    )
+    for name, case in CASES.items()
+]
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_a_bad_input_is_exit_2_one_clear_message_and_changes_nothing(
+    tmp_path: Path, case: Case
+) -> None:
+    port = free_port()  # nothing listens there
+    file = tmp_path / "tiny.toml"
+    text = TINY.format(out=tmp_path / "runs")
+    for old, new in case.replace:
+        old = sub(old, tmp_path, port, file)
+        assert old in text, f"{old!r} is not in the tiny study"
+        text = text.replace(old, sub(new, tmp_path, port, file))
+    file.write_text(sub(case.top + "\n" + text + "\n" + case.extra, tmp_path, port, file))
+    runs = tmp_path / "runs"
+    (runs / "tiny").mkdir(parents=True)
+    (runs / "tiny" / "notes.txt").write_text("left from an earlier run\n")
+    if case.setup:
+        case.setup(tmp_path)
+    before = tree(runs)
+    result = run_cli(
+        *(sub(a, tmp_path, port, file) for a in case.args),
+        cwd=tmp_path,
+        env={**CLI_ENV, **case.env},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    if case.ours:
+        assert output.startswith("error: "), output  # then one indented line per key
+    flat = " ".join(output.split())
+    for fragment in case.fragments:
+        assert sub(fragment, tmp_path, port, file) in flat, output
+    if case.names_file:
+        assert str(file) in flat, output
+    if case.hidden:
+        assert case.hidden not in output
+    assert tree(runs) == before
