@@ -112,8 +112,6 @@ CASES: dict[str, Case] = {
             "cv.folds = 500 and class '8' has 139 training row(s); use cv.folds <= 139",
         ),
         replace=(("folds = 3", "folds = 500"),),
-        known_bug="the folds are checked against the labels only after the data store "
-        "(runs/tiny/images/) and split.npz are written into the output folder",
     ),
     "idx-without-data-path": Case(
         ("data.path is not set: pass --data PATH or set data.path in the study file",),

@@ -9,13 +9,14 @@ import hashlib
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, WorkbenchError
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -61,3 +62,29 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
+
+
+@contextmanager
+def undone_on_error(root: Path) -> Iterator[None]:
+    """On a WorkbenchError (the study cannot run as configured), remove what the block created
+    under `root` (files, then the folders it made), so a check that fails after a first write
+    leaves the folder as it was. Other exceptions (Ctrl-C) keep what was written."""
+    before = set(root.rglob("*")) if root.exists() else set()
+    root_existed = root.exists()
+    try:
+        yield
+    except WorkbenchError:
+        made = set(root.rglob("*")) - before if root.exists() else set()
+        for p in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first
+            if p.is_dir() and not p.is_symlink():
+                with suppress(OSError):
+                    p.rmdir()
+            else:
+                p.unlink(missing_ok=True)
+        if not root_existed:
+            for p in [root, *root.parents]:
+                if p.exists() and not any(p.iterdir()):
+                    p.rmdir()
+                else:
+                    break
+        raise

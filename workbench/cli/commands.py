@@ -34,7 +34,7 @@ from workbench.data import (
     make_split,
 )
 from workbench.errors import ConfigError, WorkbenchError
-from workbench.files import atomic_write
+from workbench.files import atomic_write, undone_on_error
 from workbench.models import check_models
 from workbench.runtime import configure_threads, default_workers, gpu_count
 from workbench.store import RunStore
@@ -66,23 +66,27 @@ def prepare(
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
     run_checks(cfg, file, data_path, command)  # before anything is written
-    data = load_data(cfg.data, data_path, RunStore(cfg.out).images)
-    if data.skipped:  # data.on_bad_file = "skip": say which, here and in the report
-        shown = "\n  ".join(data.skipped[:10])
-        more = f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""
-        console.print(
-            f"[yellow]warning:[/] {len(data.skipped)} file(s) left out "
-            + escape(f'(data.on_bad_file = "skip"):\n  {shown}{more}'),
-            highlight=False,
+    # the fold rule needs the labels: what reading them wrote is removed if it fails
+    with undone_on_error(Path(cfg.out)):
+        data = load_data(cfg.data, data_path, RunStore(cfg.out).images)
+        if data.skipped:  # data.on_bad_file = "skip": say which, here and in the report
+            shown = "\n  ".join(data.skipped[:10])
+            more = f"\n  ... and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""
+            console.print(
+                f"[yellow]warning:[/] {len(data.skipped)} file(s) left out "
+                + escape(f'(data.on_bad_file = "skip"):\n  {shown}{more}'),
+                highlight=False,
+            )
+        path = RunStore(cfg.out).file("split.npz")
+        split = (
+            make_split(data, cfg.data, cfg.seed)
+            if command == "check" and not path.exists()
+            else load_or_make_split(data, cfg.data, cfg.seed, path)
         )
-    path = RunStore(cfg.out).file("split.npz")
-    split = (
-        make_split(data, cfg.data, cfg.seed)
-        if command == "check" and not path.exists()
-        else load_or_make_split(data, cfg.data, cfg.seed, path)
-    )
-    # folds <= smallest class
-    cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed, data.classes)
+        try:  # folds <= smallest class
+            cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed, data.classes)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
     return cfg, data, split
 
 
