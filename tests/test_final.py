@@ -23,6 +23,7 @@ from workbench.errors import DataError
 from workbench.final import FinalEnsemble
 from workbench.models import Classifier, create_model
 from workbench.serving import ServedModel, prediction_columns
+from workbench.train import load_model, save_checkpoint
 
 # 4 members x 6 rows x 3 classes. Member argmax votes per row:
 #   row 0: 0 0 2 2  (2-2 tie; mean p of class 2 is higher -> 2)
@@ -203,6 +204,25 @@ def test_a_member_alone_is_its_fold_mean() -> None:
         folds = [softmax(f(torch.tensor(x)).double().numpy(), axis=1) for f in model.members[1]]
     np.testing.assert_allclose(model.member("m1").predict_proba(x), np.mean(folds, 0), atol=1e-12)
     with pytest.raises(
-        Exception, match=r"'m9' is not a member of the final model; its members: \['m0', 'm1'\]"
+        Exception, match=r"'m9' is not a member of the study's ensemble; members: \['m0', 'm1'\]"
     ):
         model.member("m9")
+
+
+def test_any_candidate_alone_from_its_checkpoints(tmp_path: Path) -> None:
+    """A candidate the final rule left out (weight 0) predicts alone from its fold files."""
+    model = small_ensemble("soft", None)
+    meta = {"arch": "mlp", "num_classes": 10, "in_shape": [1, 8, 8], "hparams": {"width": 16}}
+    paths = []
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        fold = create_model("mlp", 10, (1, 8, 8), [0.3], [0.2], width=16).eval()
+        paths.append(save_checkpoint(tmp_path / f"fold-{seed}.pt", fold, meta))
+    x = np.random.default_rng(3).random((10, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        expected = np.mean(
+            [softmax(load_model(p)(torch.tensor(x)).double().numpy(), axis=1) for p in paths], 0
+        )
+    alone = model.member("left-out", {"left-out": paths})
+    np.testing.assert_allclose(alone.predict_proba(x), expected, atol=1e-12)
+    assert alone.classes == model.classes and alone.names == ["left-out"]

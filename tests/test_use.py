@@ -120,6 +120,9 @@ def test_predict_on_files_gives_the_scored_labels(done: Done) -> None:
     assert pd.read_csv(by_alias, dtype={"label": str})["label"].tolist() == df["label"].tolist()
     member = json.loads((done.out / "ensemble" / "final" / "ensemble.json").read_text())
     name = member["members"][0]
+    candidates = json.loads((done.out / "ensemble" / "candidates.json").read_text())
+    assert set(member["members"]) <= set(candidates)  # every candidate, kept or not
+    assert [Path(p).name for p in candidates[name]] == ["fold-0.pt", "fold-1.pt", "fold-2.pt"]
     alone = done.tmp / "member.csv"
     ran = run_cli(
         "predict", str(done.study), str(done.tmp / "pngs"), "--out", str(alone),

@@ -147,14 +147,20 @@ class FinalEnsemble(nn.Module):
             + f"; got {a.shape}"
         )
 
-    def member(self, name: str) -> FinalEnsemble:
-        """Member `name` alone: the mean of its fold models, as the ensemble stage scored it."""
-        if name not in self.names:
-            raise ConfigError(
-                f"--member {name!r} is not a member of the final model; its members: {self.names}"
-            )
-        folds = list(self.members[self.names.index(name)].children())
+    def member(self, name: str, candidates: dict[str, list[Path]] | None = None) -> FinalEnsemble:
+        """Member `name` alone, the mean of its fold models as the ensemble stage scored it: one
+        of this model's members, or any candidate given as its fold checkpoints."""
         alone = {"vote": "soft", "weights": [1.0], "temperature": None}
+        if name in self.names:
+            folds = list(self.members[self.names.index(name)].children())
+        elif candidates and name in candidates:
+            device = self.weights.device
+            folds = [load_model(p, device) for p in candidates[name]]
+        else:
+            known = sorted({*self.names, *(candidates or {})})
+            raise ConfigError(
+                f"--member {name!r} is not a member of the study's ensemble; members: {known}"
+            )
         return FinalEnsemble([folds], [name], alone, self.classes, self.in_shape, self.preprocess)  # type: ignore[list-item]
 
     @classmethod

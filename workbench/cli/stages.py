@@ -170,6 +170,12 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
     for line in unopened + skipped:
         console.print(f"[yellow]warning:[/] {line}")
+    # every candidate's fold checkpoints, so that `predict --member` can run any one alone
+    candidates = {m.name: [store.relative(p) for p in m.checkpoints] for m in members}
+    atomic_write(
+        store.ensemble / "candidates.json",
+        lambda f: f.write(json.dumps(candidates, indent=1).encode()),
+    )
     test = HeldOut(ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint)
     x_test = ds.rows(split.test_idx)
     out = store.ensemble

@@ -9,6 +9,7 @@ or a registered model's alias or version (`models:/<name>@champion`, `models:/<n
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -34,7 +35,8 @@ ModelOpt = Annotated[
     ),
 ]
 MemberOpt = Annotated[
-    str | None, typer.Option("--member", help="one member alone, e.g. cnn/trial-3")
+    str | None,
+    typer.Option("--member", help="one member (any candidate of the ensemble) alone: cnn/trial-3"),
 ]
 
 
@@ -53,7 +55,15 @@ def final_model(
                 "--model with a final/ folder (holding ensemble.json) or an MLflow model URI"
             )
         final = FinalEnsemble.load(folder)
-    return final.member(member) if member else final
+    if not member:
+        return final
+    listed = RunStore(cfg.out).ensemble / "candidates.json"  # every candidate, by the stage
+    root = RunStore(cfg.out).root
+    candidates = {
+        name: [root / p for p in paths]
+        for name, paths in (json.loads(listed.read_text()) if listed.exists() else {}).items()
+    }
+    return final.member(member, candidates)
 
 
 @app.command()
