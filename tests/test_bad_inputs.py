@@ -5,7 +5,9 @@ leaves the output folder (with a file from an earlier run in it) byte-identical.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,7 +252,7 @@ def sub(text: str, tmp: Path, port: int, file: Path) -> str:
 
 PARAMS = [
     pytest.param(
-        case,
+        name,
         id=name,
         marks=[pytest.mark.xfail(reason=case.known_bug, strict=True)] if case.known_bug else [],
     )
@@ -258,39 +260,65 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("case", PARAMS)
-def test_a_bad_input_is_exit_2_one_clear_message_and_changes_nothing(
-    tmp_path: Path, case: Case
-) -> None:
+@dataclass(frozen=True)
+class Ran:
+    """One case run: the CLI's result and the output folder's tree before and after."""
+
+    result: subprocess.CompletedProcess[str]
+    file: Path
+    tmp: Path
+    port: int
+    before: dict[str, str]
+    after: dict[str, str]
+
+
+def run_case(case: Case, tmp: Path) -> Ran:
+    tmp.mkdir(parents=True)
     port = free_port()  # nothing listens there
-    file = tmp_path / "tiny.toml"
-    text = TINY.format(out=tmp_path / "runs")
+    file = tmp / "tiny.toml"
+    text = TINY.format(out=tmp / "runs")
     for old, new in case.replace:
-        old = sub(old, tmp_path, port, file)
+        old = sub(old, tmp, port, file)
         assert old in text, f"{old!r} is not in the tiny study"
-        text = text.replace(old, sub(new, tmp_path, port, file))
-    file.write_text(sub(case.top + "\n" + text + "\n" + case.extra, tmp_path, port, file))
-    runs = tmp_path / "runs"
+        text = text.replace(old, sub(new, tmp, port, file))
+    file.write_text(sub(case.top + "\n" + text + "\n" + case.extra, tmp, port, file))
+    runs = tmp / "runs"
     (runs / "tiny").mkdir(parents=True)
     (runs / "tiny" / "notes.txt").write_text("left from an earlier run\n")
     if case.setup:
-        case.setup(tmp_path)
+        case.setup(tmp)
     before = tree(runs)
     result = run_cli(
-        *(sub(a, tmp_path, port, file) for a in case.args),
-        cwd=tmp_path,
-        env={**CLI_ENV, **case.env},
+        *(sub(a, tmp, port, file) for a in case.args), cwd=tmp, env={**CLI_ENV, **case.env}
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
+    return Ran(result, file, tmp, port, before, tree(runs))
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ran]:
+    """Every case, run three at a time: each is a fresh interpreter (~5 s, mostly imports and
+    the 3 s connection timeouts), so the table takes ~1 min on 2 cores instead of ~2.5."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    with ThreadPoolExecutor(3) as pool:
+        futures = {name: pool.submit(run_case, case, root / name) for name, case in CASES.items()}
+    return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_a_bad_input_is_exit_2_one_clear_message_and_changes_nothing(
+    ran: dict[str, Ran], name: str
+) -> None:
+    case, r = CASES[name], ran[name]
+    output = r.result.stdout + r.result.stderr
+    assert r.result.returncode == 2, output
     assert "Traceback" not in output
     if case.ours:
         assert output.startswith("error: "), output  # then one indented line per key
     flat = " ".join(output.split())
     for fragment in case.fragments:
-        assert sub(fragment, tmp_path, port, file) in flat, output
+        assert sub(fragment, r.tmp, r.port, r.file) in flat, output
     if case.names_file:
-        assert str(file) in flat, output
+        assert str(r.file) in flat, output
     if case.hidden:
         assert case.hidden not in output
-    assert tree(runs) == before
+    assert r.after == r.before

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import run_cli
+from conftest import Tables, run_cli
 
 
 def test_study_runs_with_two_workers_then_resumes(tiny_file: Path, tmp_path: Path) -> None:
@@ -76,19 +76,26 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
 
 
 def check_report_matches_the_stored_results(report: Path, study: optuna.Study, out: Path) -> None:
-    """The report written by `study` shows the Optuna storage's numbers and the stored results."""
-    import html
-
-    text = html.unescape(report.read_text())
-    assert "<title>tiny · workbench report</title>" in text
-    assert 'http-equiv="Content-Security-Policy"' in text
-    for trial in study.trials:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            assert f"{trial.value:.4f}" in text, f"trial {trial.number}'s CV value is not shown"
+    """The report written by `study` shows the Optuna storage's numbers and the stored results,
+    cell by cell (each expected cell formatted here, to 4 decimals)."""
+    page = report.read_text("utf-8")
+    assert "<title>tiny · workbench report</title>" in page
+    assert 'http-equiv="Content-Security-Policy"' in page
+    tables = Tables(page).tables
+    header, *rows = tables["leaderboard-1"]  # the one model, mlp
+    assert [text for text, _ in header][:3] == ["#", "state", "CV accuracy"]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    shown = {int(r[0][0]): r[2][0] for r in rows if int(r[0][0]) in {t.number for t in complete}}
+    assert shown == {t.number: f"{t.value:.4f}" for t in complete}
     results = json.loads((out / "ensemble" / "results.json").read_text())
+    _, _, *rows = tables["methods"]
+    by_method = {r[0][0].split()[0]: [text for text, _ in r] for r in rows}
     for name, method in results["methods"].items():
-        assert f"{method['test']['log_loss']:.4f}" in text, f"{name}'s test log loss is not shown"
-    assert f"{results['final']['test']['log_loss']:.4f}" in text
+        cells = by_method[name.replace("_", " ").split()[0]]
+        assert cells[1:3] == [
+            f"{method['test']['accuracy']:.4f}",
+            f"{method['test']['log_loss']:.4f}",
+        ]
 
 
 def test_the_snapshot_run_is_run_once_by_the_workers_and_ensembled(
