@@ -267,6 +267,7 @@ def test_the_model_loads_in_a_fresh_venv_from_its_own_requirements(done: Done) -
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr[-3000:]
+    np.save(done.tmp / "pixels.npy", done.pixels)
     env = {k: v for k, v in done.env().items() if k != "PYTHONPATH"}
     ran = subprocess.run(
         [str(py), "-c", LOAD, f"models:/{NAME}@champion", "pixels.npy", "venv.csv"],
