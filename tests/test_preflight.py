@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import pytest
 import tomllib
-from conftest import CLI_ENV, ROOT, TINY, free_port, run_cli, tree
+from conftest import ROOT, TINY, run_cli, tree
 from sklearn.base import BaseEstimator
 
 from workbench.data import cv_folds
@@ -50,71 +50,8 @@ def fails_cleanly(
     return one_line(output)
 
 
-@pytest.fixture
-def populated(tmp_path: Path) -> Path:
-    """An output folder with a file in it already, as after an earlier run."""
-    out = tmp_path / "runs" / "tiny"
-    out.mkdir(parents=True)
-    (out / "notes.txt").write_text("left from an earlier run\n")
-    return tmp_path
-
-
-def test_cuda_without_a_gpu(populated: Path) -> None:
-    file = study_file(populated, top='device = "cuda"')
-    env = {**CLI_ENV, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, on any machine
-    out = fails_cleanly("study", file, populated, populated, env)
-    assert "device = 'cuda'" in out and "no CUDA device is visible" in out
-    assert "use device = 'auto'" in out
-
-
-def test_an_output_dir_under_a_regular_file(tmp_path: Path) -> None:
-    (tmp_path / "plain.txt").write_text("a file, not a folder\n")
-    file = study_file(tmp_path, out=tmp_path / "plain.txt" / "runs")
-    out = fails_cleanly("study", file, tmp_path, tmp_path)
-    assert f"output_dir = '{tmp_path / 'plain.txt' / 'runs'}'" in out
-    assert f"{tmp_path / 'plain.txt'} is a file, not a folder" in out
-
-
-def test_an_unreachable_mlflow_server(populated: Path) -> None:
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    text = (
-        study_file(populated)
-        .read_text()
-        .replace("[tracking]\nenabled = false", f'[tracking]\nuri = "{uri}"')
-    )
-    file = populated / "tiny.toml"
-    file.write_text(text)
-    out = fails_cleanly("study", file, populated, populated)
-    assert f"cannot reach the MLflow tracking server tracking.uri = '{uri}'" in out
-
-
-def test_an_unreachable_postgresql_storage(populated: Path) -> None:
-    port = free_port()  # closed
-    url = f"postgresql://workbench:s3cret@127.0.0.1:{port}/studies"
-    text = study_file(populated).read_text().replace("[search]", f'[search]\nstorage = "{url}"')
-    file = populated / "tiny.toml"
-    file.write_text(text)
-    out = fails_cleanly("check", file, populated, populated)
-    shown = f"postgresql://workbench:***@127.0.0.1:{port}/studies"  # the password masked
-    assert f"cannot open the Optuna storage '{shown}' (search.storage in {file})" in out
-    assert "Connection refused" in out
-    assert "s3cret" not in out  # the password is never shown
-
-
-def test_a_missing_data_path(populated: Path) -> None:
-    missing = populated / "no-such-folder"
-    file = study_file(populated, extra=f'[data]\nsource = "idx"\npath = "{missing}"\n')
-    out = fails_cleanly("study", file, populated, populated)
-    assert f"data.path '{missing}' does not exist" in out
-
-
-@pytest.mark.parametrize("command", ["report", "ensemble", "worker"])
-def test_a_stage_before_any_study(populated: Path, command: str) -> None:
-    file = study_file(populated)
-    out = fails_cleanly(command, file, populated, populated)
-    db = populated / "runs" / "tiny" / "optuna.db"
-    assert f"no study 'tiny/mlp' in sqlite:///{db}" in out
-    assert f"run `workbench study {file}` first" in out
+# The one-line failures of each check (device, output folder, storage, MLflow server, data,
+# a stage before any study) are cases of tests/test_bad_inputs.py.
 
 
 def test_a_worker_started_in_another_folder(tmp_path: Path) -> None:
