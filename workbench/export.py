@@ -21,6 +21,7 @@ import numpy as np
 import workbench
 from workbench.events import ModelPackaged
 from workbench.files import atomic_write
+from workbench.final import FinalEnsemble
 from workbench.serving import IMAGE_COLUMN, LOADER, ServedModel, encode_png, requirements
 
 
@@ -70,12 +71,14 @@ def serving_example(pixels: np.ndarray, scale: float) -> Any:
     return pd.DataFrame({IMAGE_COLUMN: [encode_png(im) for im in images]})
 
 
-def packaged(final: Path, pixels: np.ndarray, scale: float, files: dict[str, str]) -> ModelPackaged:
-    """The final folder packaged for tracking: an example request (PNG files of `pixels`) and
-    its answer, requirements found by loading the model in a fresh interpreter, and `files`
-    (artifact folder -> local path) logged beside it (the ONNX graph)."""
+def packaged(
+    model: FinalEnsemble, final: Path, pixels: np.ndarray, scale: float, files: dict[str, str]
+) -> ModelPackaged:
+    """The final folder (`model`, loaded from it) packaged for tracking: an example request (PNG
+    files of `pixels`) and its answer, requirements found by loading the model in a fresh
+    interpreter, and `files` (artifact folder -> local path) logged beside it (the ONNX graph)."""
     example = serving_example(pixels, scale)
-    output = ServedModel.load(final).predict(example)
+    output = ServedModel(model).predict(example)
     return ModelPackaged(
         artifacts={"final": str(final)},
         loader=LOADER,

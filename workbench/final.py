@@ -125,7 +125,7 @@ class FinalEnsemble(nn.Module):
         full intensity when known (255 for decoded files)."""
         a = np.asarray(images)
         c, h, w = self.in_shape
-        if a.dtype == np.uint8 or np.issubdtype(a.dtype, np.integer):
+        if np.issubdtype(a.dtype, np.integer):
             scale = scale or float(self.preprocess.get("scale", 255.0))
             _check_range(a, scale, f"{a.dtype} pixels")
             a = a.astype(np.float32) / scale

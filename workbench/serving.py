@@ -98,13 +98,12 @@ class ServedModel:
                     f"files (bytes or base64); got columns {list(model_input.columns)[:5]}; "
                     f"or pass pixels as an array (N, {', '.join(map(str, self.model.in_shape))})"
                 )
-            files = [self._file(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN])]
-            rgb = np.stack([decode_file(self.model, f, f"row {i}") for i, f in enumerate(files)])
-            return self.model.inputs(rgb, scale=255.0)
+            rgb = [self._decoded(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN])]
+            return self.model.inputs(np.stack(rgb), scale=255.0)
         return self.model.inputs(np.asarray(model_input))
 
-    @staticmethod
-    def _file(value: Any, row: int) -> io.BytesIO:
+    def _decoded(self, value: Any, row: int) -> np.ndarray:
+        """One cell (bytes, or base64 text) decoded as the training photos were."""
         data = value
         if isinstance(value, str):
             try:
@@ -120,13 +119,9 @@ class ServedModel:
                 "files as bytes or base64 text"
             )
         try:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()
-        except Exception as e:  # PIL raises many types for a file that is not an image
-            raise DataError(f"{IMAGE_COLUMN} row {row} is not an image file ({e})") from None
-        return io.BytesIO(data)
+            return decode_file(self.model, io.BytesIO(data), f"{IMAGE_COLUMN} row {row}")
+        except BadImage as e:
+            raise DataError(f"{IMAGE_COLUMN} row {row} is not an image file: it {e}") from None
 
 
 def encode_png(pixels: np.ndarray) -> str:

@@ -15,7 +15,8 @@ Layout under the study's output folder (`<output_dir>/<name>/`):
         snap-<m>/fold-<k>.pt      with cosine_restarts cycles > 1: weights at the end of cycle m,
         snap-<m>/oof.npz          and their own out-of-fold probabilities
     snapshots/<model>/<nnnn>/     the snapshot run of trial nnnn's configuration, the same layout
-    ensemble/                     results.json, test_evaluations.json, mlflow.json, final/
+    ensemble/                     results.json, test_evaluations.json, mlflow.json, final/,
+                                  candidates.json, model.onnx
     logs/worker-<i>.log, timings.json, study.resolved.json, optuna.db (the default storage)
 
 A completed run is sealed: its manifest (the folder's URI, and the sha256 and size of every
@@ -99,6 +100,16 @@ class RunStore:
     @property
     def final(self) -> Path:
         return self.ensemble / "final"
+
+    @property
+    def mlflow_link(self) -> Path:
+        """Where the logged final model is: {"run_id", "model_uri", "uri"} (tracking on)."""
+        return self.ensemble / "mlflow.json"
+
+    @property
+    def candidates(self) -> Path:
+        """Every candidate member's fold checkpoints, relative to the study's folder."""
+        return self.ensemble / "candidates.json"
 
     @property
     def onnx(self) -> Path:

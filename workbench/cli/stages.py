@@ -24,7 +24,7 @@ from workbench.final import FinalEnsemble
 from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
 from workbench.runtime import configure_threads
 from workbench.store import RunStore
-from workbench.tracking import Tracker
+from workbench.tracking import CHAMPION, Tracker
 
 REPORTS = Path("reports")  # reports/<study>.html, beside the study files
 
@@ -113,14 +113,14 @@ def tracking_links(cfg: StudyConfig, tracker: Tracker) -> dict[str, Any] | None:
 
 def _final_model_link(cfg: StudyConfig) -> dict[str, str] | None:
     """Where the final model is in MLflow (ensemble/mlflow.json), and its registered alias."""
-    path = RunStore(cfg.out).ensemble / "mlflow.json"
+    path = RunStore(cfg.out).mlflow_link
     if not path.exists():
         return None
     link = json.loads(path.read_text())
     name = cfg.tracking.register_as
     return {
         "model_uri": link["model_uri"],
-        **({"registered": f"models:/{name}@champion", "name": name} if name else {}),
+        **({"registered": f"models:/{name}@{CHAMPION}", "name": name} if name else {}),
     }
 
 
@@ -172,10 +172,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         console.print(f"[yellow]warning:[/] {line}")
     # every candidate's fold checkpoints, so that `predict --member` can run any one alone
     candidates = {m.name: [store.relative(p) for p in m.checkpoints] for m in members}
-    atomic_write(
-        store.ensemble / "candidates.json",
-        lambda f: f.write(json.dumps(candidates, indent=1).encode()),
-    )
+    atomic_write(store.candidates, lambda f: f.write(json.dumps(candidates, indent=1).encode()))
     test = HeldOut(ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint)
     x_test = ds.rows(split.test_idx)
     out = store.ensemble
@@ -202,24 +199,25 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         export.save_final(
             store.final, kept, rule, results["chosen"], test.classes, ds.in_shape, ds.preprocess
         )
-        onnx = _export_onnx(store, ds, split)
+        final = FinalEnsemble.load(store.final)  # once: the ONNX check and the package use it
+        onnx = _export_onnx(final, store, ds, split)
         run_id = ""
         if tracker.enabled:
             pixels = ds.pixels[split.test_idx[:2]].numpy()
-            package = export.packaged(store.final, pixels, ds.scale, {"onnx": str(onnx)})
+            package = export.packaged(final, store.final, pixels, ds.scale, {"onnx": str(onnx)})
             run_id = tracker.log_ensemble(results, package)
         if run_id:  # where the loadable model is: mlflow.pyfunc.load_model(model_uri)
             link = {"run_id": run_id, "model_uri": f"runs:/{run_id}/model", "uri": tracker.uri}
-            atomic_write(out / "mlflow.json", lambda f: f.write(json.dumps(link).encode()))
+            atomic_write(store.mlflow_link, lambda f: f.write(json.dumps(link).encode()))
             console.print(f"final model: {link['model_uri']} (MLflow store {tracker.uri})")
     console.print(ensemble_table(results))
 
 
-def _export_onnx(store: RunStore, ds: ImageData, split: Split) -> Path:
+def _export_onnx(final: FinalEnsemble, store: RunStore, ds: ImageData, split: Split) -> Path:
     """The final model as one ONNX graph, checked on the test split against the torch module."""
     t0 = time.perf_counter()
     x = ds.images(split.test_idx).numpy()
-    checked = graph.export_onnx(FinalEnsemble.load(store.final), store.onnx, x)
+    checked = graph.export_onnx(final, store.onnx, x)
     console.print(
         f"ONNX graph: {store.onnx} ({checked.bytes / 1e6:.1f} MB; on {checked.rows} test rows "
         f"labels equal, max |p - p_torch| {checked.max_abs_diff:.1e}; "

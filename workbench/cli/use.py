@@ -57,8 +57,8 @@ def final_model(
         final = FinalEnsemble.load(folder)
     if not member:
         return final
-    listed = RunStore(cfg.out).ensemble / "candidates.json"  # every candidate, by the stage
-    root = RunStore(cfg.out).root
+    store = RunStore(cfg.out)
+    listed, root = store.candidates, store.root  # every candidate, listed by the stage
     candidates = {
         name: [root / p for p in paths]
         for name, paths in (json.loads(listed.read_text()) if listed.exists() else {}).items()

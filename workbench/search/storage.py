@@ -64,7 +64,7 @@ def open_storage(cfg: StudyConfig, tracker: Tracker | None = None) -> RDBStorage
     except Exception as e:  # sqlalchemy's errors, a missing driver, a refused connection
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (pip install 'psycopg[binary]')" if "psycopg" in first else ""
-        shown = _without_password(url)
+        shown = shown_url(url)
         raise StorageError(
             f"cannot open the Optuna storage {shown!r}: {first}{hint}. Check the URL in "
             f"search.storage or WORKBENCH_STORAGE (e.g. postgresql://user:pass@host/db) and that "
@@ -94,11 +94,6 @@ def missing_studies(cfg: StudyConfig) -> list[str]:
     finally:
         storage.engine.dispose()
     return [n for n in names if n not in existing]
-
-
-def shown_url(url: str) -> str:
-    """The storage URL as messages and the plan show it: any password replaced by ***."""
-    return _without_password(url)
 
 
 def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
@@ -164,7 +159,7 @@ def requeue(study: optuna.Study, number: int) -> None:
     RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
 
 
-def _without_password(url: str) -> str:
+def shown_url(url: str) -> str:
     """The URL as an error message may show it: any password replaced by ***."""
     from sqlalchemy.engine import make_url
 
