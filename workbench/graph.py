@@ -24,12 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from workbench.data import Rows
 from workbench.errors import ExportError
 from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
+from workbench.train import EVAL_BATCH
 
 TOLERANCE = 1e-5  # max |p_onnx - p_torch| allowed; measured on digits: ~1.4e-7
 INPUTS, OUTPUTS = ["images"], ["probabilities", "labels"]
+Images = np.ndarray | Rows  # float images in [0, 1] (N, C, H, W), or rows of the image store
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,11 @@ class GraphCheck:
 
 
 def export_onnx(
-    model: FinalEnsemble, path: Path, x: np.ndarray, y: np.ndarray | None = None
+    model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = None
 ) -> GraphCheck:
-    """Write `model` as one ONNX graph at `path` and check it on `x` (N, C, H, W)."""
-    example = torch.as_tensor(model.checked(x[: min(len(x), 2)]))
+    """Write `model` as one ONNX graph at `path` and check it on `x` (N, C, H, W): float images
+    in [0, 1], or rows of the image store, made float a batch at a time."""
+    example = torch.as_tensor(model.checked(next(_batches(x))[:2]))
     tmp = path.with_name(path.name + ".export.onnx")
     with _quiet():
         try:
@@ -68,22 +72,34 @@ def export_onnx(
     return check(model, path, x, y)
 
 
-def check(
-    model: FinalEnsemble, path: Path, x: np.ndarray, y: np.ndarray | None = None
-) -> GraphCheck:
-    """Compare the graph at `path` with `model` on `x`; ExportError when they disagree."""
-    p_torch, l_torch = model.run(x)
-    p_onnx, l_onnx = run_onnx(path, x)
-    diff = float(np.abs(p_onnx - p_torch).max())
-    same = bool(np.array_equal(l_onnx, l_torch))
-    if diff > TOLERANCE or not same:
+def check(model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = None) -> GraphCheck:
+    """Compare the graph at `path` with `model` on `x`, batch by batch (the test split of 224 px
+    photos is GBs as float); ExportError when they disagree."""
+    sess = session(path)
+    diff, differ, labels = 0.0, 0, []
+    for xb in _batches(x):
+        p_torch, l_torch = model.run(xb)
+        p_onnx, l_onnx = sess.run(None, {INPUTS[0]: xb})
+        diff = max(diff, float(np.abs(p_onnx - p_torch).max()))
+        differ += int((l_onnx != l_torch).sum())
+        labels.append(l_onnx)
+    if diff > TOLERANCE or differ:
         raise ExportError(
             f"{path}: the ONNX graph disagrees with the torch model on {len(x)} rows: max "
-            f"|p_onnx - p_torch| = {diff:.2e} (allowed {TOLERANCE:g}), "
-            f"{int((l_onnx != l_torch).sum())} label(s) differ"
+            f"|p_onnx - p_torch| = {diff:.2e} (allowed {TOLERANCE:g}), {differ} label(s) differ"
         )
-    acc = float(np.mean(l_onnx == y)) if y is not None else None
-    return GraphCheck(path, path.stat().st_size, len(x), diff, same, acc)
+    acc = float(np.mean(np.concatenate(labels) == y)) if y is not None else None
+    return GraphCheck(path, path.stat().st_size, len(x), diff, True, acc)
+
+
+def _batches(x: Images, batch: int = EVAL_BATCH) -> Iterator[np.ndarray]:
+    """Float32 (B, C, H, W) numpy batches of an image array or of store rows."""
+    if isinstance(x, Rows):
+        for xb in x.chunks(batch):
+            yield xb.numpy()
+    else:
+        for i in range(0, len(x), batch):
+            yield np.ascontiguousarray(x[i : i + batch], dtype=np.float32)
 
 
 def session(path: Path, threads: int = 1) -> Any:
@@ -97,15 +113,14 @@ def session(path: Path, threads: int = 1) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(path: Path, x: np.ndarray, threads: int = 1, batch: int = 256) -> tuple[Any, Any]:
+def run_onnx(path: Path, x: Images, threads: int = 1, batch: int = EVAL_BATCH) -> tuple[Any, Any]:
     """(probabilities, labels) from the graph at `path`, in batches of `batch` rows."""
     sess = session(path, threads)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = [sess.run(None, {INPUTS[0]: x[i : i + batch]}) for i in range(0, len(x), batch)]
+    out = [sess.run(None, {INPUTS[0]: xb}) for xb in _batches(x, batch)]
     return np.concatenate([p for p, _ in out]), np.concatenate([lab for _, lab in out])
 
 
-def quantize(path: Path, out: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def quantize(path: Path, out: Path, x: Images, y: np.ndarray) -> dict[str, Any]:
     """A dynamically int8-quantized copy of the graph at `path`; its size and accuracy on
     (x, y) beside the float graph's."""
     from onnxruntime.quantization import QuantType, quantize_dynamic

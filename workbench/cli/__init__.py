@@ -7,7 +7,11 @@ workbench ensemble FILE / workbench report FILE                 one stage, on st
 workbench predict FILE IMAGES... / workbench export FILE --onnx P  use the final model
 """
 
-from workbench.cli import use  # noqa: F401  (registers predict and export)
-from workbench.cli.commands import app, main, prepare
+from workbench.runtime import skip_triton_without_gpu
+
+skip_triton_without_gpu()  # before the imports below bring in torch._dynamo (and with it Triton)
+
+from workbench.cli import use  # noqa: E402, F401  (registers predict and export)
+from workbench.cli.commands import app, main, prepare  # noqa: E402
 
 __all__ = ["app", "main", "prepare"]

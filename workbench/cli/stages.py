@@ -216,8 +216,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
 def _export_onnx(final: FinalEnsemble, store: RunStore, ds: ImageData, split: Split) -> Path:
     """The final model as one ONNX graph, checked on the test split against the torch module."""
     t0 = time.perf_counter()
-    x = ds.images(split.test_idx).numpy()
-    checked = graph.export_onnx(final, store.onnx, x)
+    checked = graph.export_onnx(final, store.onnx, ds.rows(split.test_idx))
     console.print(
         f"ONNX graph: {store.onnx} ({checked.bytes / 1e6:.1f} MB; on {checked.rows} test rows "
         f"labels equal, max |p - p_torch| {checked.max_abs_diff:.1e}; "

@@ -123,7 +123,7 @@ def export(
     try:
         cfg, ds, split = prepare(file, data, None, "ensemble")  # the ensemble stage's checks
         final = final_model(cfg, file, model, member)
-        x, y = ds.images(split.test_idx).numpy(), ds.y[split.test_idx].numpy()
+        x, y = ds.rows(split.test_idx), ds.y[split.test_idx].numpy()
         checked = graph.export_onnx(final, onnx, x, y)
         console.print(
             f"{onnx}: {checked.bytes / 1e6:.2f} MB; on the {checked.rows} test rows every label "
