@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,8 +17,6 @@ from workbench.config import StudyConfig
 
 def run_python(code: str, env: dict[str, str] | None = None) -> dict[str, object]:
     """Run `code` in a fresh interpreter; it prints one JSON line, returned here."""
-    import os
-
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
