@@ -286,6 +286,71 @@ def test_cv_folds_are_stratified_partitions(digits: ImageData) -> None:
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, cv_folds(y, 4, 0), strict=True))
 
 
+def labelings(count: int) -> list[tuple[np.ndarray, int]]:
+    """`count` (labels, seed) pairs: 2 to 11 classes, 4 to 400 rows, balanced to very skewed,
+    label values with gaps (a class number no row has), every class with >= 4 rows."""
+    rng = np.random.default_rng(7)
+    out = []
+    for _ in range(count):
+        k = int(rng.integers(2, 12))
+        values = np.sort(rng.choice(3 * k, size=k, replace=False))  # e.g. 0, 4, 5, 11
+        p = rng.dirichlet(np.full(k, float(rng.choice([0.3, 1.0, 5.0]))))
+        y = values[
+            np.concatenate(
+                [np.repeat(np.arange(k), 4), rng.choice(k, int(rng.integers(0, 360)), p=p)]
+            )
+        ]
+        rng.shuffle(y)
+        out.append((y, int(rng.integers(0, 2**32))))
+    return out
+
+
+@pytest.mark.parametrize("test_size", [0.1, 0.2, 1 / 3, 0.5])
+def test_split_draws_the_rows_scikit_learn_draws(test_size: float) -> None:
+    # the split is written out in numpy (splits.py says why); a seed must keep giving the rows
+    # scikit-learn's stratified train_test_split gives it, or a resumed study's rows would move
+    from sklearn.model_selection import train_test_split
+
+    for y, seed in labelings(60):
+        d = ImageData(
+            torch.zeros(len(y), 1, 1, 1),
+            torch.as_tensor(y),
+            tuple(map(str, range(y.max() + 1))),
+            "labels",
+        )
+        try:
+            train, test = train_test_split(
+                np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y
+            )
+        except ValueError:  # fewer test rows than classes: the split must refuse too
+            with pytest.raises(DataError, match=r"data\.test_size"):
+                make_split(d, DataConfig(test_size=test_size), seed)
+            continue
+        s = make_split(d, DataConfig(test_size=test_size), seed)
+        np.testing.assert_array_equal(s.train_idx, np.sort(train))
+        np.testing.assert_array_equal(s.test_idx, np.sort(test))
+
+
+@pytest.mark.parametrize("folds", [2, 3, 4])
+def test_cv_folds_are_the_folds_scikit_learn_makes(folds: int) -> None:
+    from sklearn.model_selection import StratifiedKFold
+
+    for y, seed in labelings(60):
+        ours = cv_folds(y, folds, seed)
+        theirs = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+        for (tr, va), (tr_sk, va_sk) in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(tr, tr_sk)
+            np.testing.assert_array_equal(va, va_sk)
+            assert tr.dtype == va.dtype == np.int64
+
+
+def test_split_refuses_a_class_of_one_row() -> None:
+    y = np.array([0] * 20 + [1] * 20 + [2])
+    d = ImageData(torch.zeros(len(y), 1, 1, 1), torch.as_tensor(y), ("cat", "dog", "eel"), "labels")
+    with pytest.raises(DataError, match=r"smallest class 'eel' has 1 row"):
+        make_split(d, DataConfig(), seed=0)
+
+
 def test_cv_folds_more_than_smallest_class() -> None:
     y = np.array([0] * 10 + [1] * 3)
     with pytest.raises(ConfigError, match=r"cv\.folds = 5 and class 1 has 3"):

@@ -80,3 +80,35 @@ def test_no_triton_without_a_gpu_and_training_still_runs() -> None:
     plain = run_python(TRAIN_ONE_STEP.replace("{first}", "pass"), no_gpu)
     installed = importlib.util.find_spec("triton") is not None
     assert plain["triton_library"] is installed
+
+
+def test_a_search_worker_never_imports_scikit_learn_scipy_or_pandas(tiny_file: Path) -> None:
+    # they are ~100 MB of heap and libraries (bench item 7): a search process needs none of them,
+    # so the parent does not import them before it forks; the ensemble stage does, after
+    from workbench.cli.commands import prepare
+
+    prepare(tiny_file, None, None)  # decodes the digits into the image store (scikit-learn's)
+    seen = run_python(
+        f"""
+        import json, sys
+        from workbench.cli.commands import prepare
+        from workbench.cli.processes import _warm_up
+        from workbench import search
+        from workbench.tracking import Tracker
+        cfg, data, split = prepare({str(tiny_file)!r}, None, None)
+        _warm_up(cfg, data)
+        storage = search.open_storage(cfg)
+        search.create_studies(cfg, storage)
+        search.run_worker(cfg, data, split, Tracker(cfg, enabled=False))
+        done = len(search.completed_trials(cfg, "mlp", storage))
+        heavy = ("sklearn", "scipy", "pandas", "pyarrow")
+        searched = sorted(m for m in heavy if m in sys.modules)
+        from workbench.cli.stages import ensemble_stage
+        ensemble_stage(cfg, data, split, Tracker(cfg, enabled=False))
+        ensembled = sorted(m for m in ("sklearn", "scipy") if m in sys.modules)
+        print(json.dumps({{"done": done, "searched": searched, "ensembled": ensembled}}))
+        """
+    )
+    assert seen["done"] >= 1  # trials ran, folds and scores included
+    assert seen["searched"] == []
+    assert seen["ensembled"] == ["scipy", "sklearn"]  # the control: the combiners need them

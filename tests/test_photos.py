@@ -6,6 +6,7 @@ construction (colour bands, a 16-bit grey of a known value), never from workbenc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -164,6 +165,40 @@ def test_store_is_written_once_reused_and_rebuilt_when_the_source_changes(
     assert rebuilt.fingerprint != first.fingerprint
     assert len(list(store.glob("*.npy"))) == 1 and len(list(store.glob("*.json"))) == 1
     assert not list(store.glob(".*"))  # no temporary files left behind
+
+
+def mapped_kb(npy: Path) -> int:
+    """Resident kB of this process's mappings of `npy`, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = len(head) > 5 and head[5] == str(npy.resolve())
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+def test_a_pass_over_scattered_rows_of_a_store_does_not_map_the_whole_store(
+    tmp_path: Path,
+) -> None:
+    # each page fault maps the 64 KB around it, so reading every 5th row of the store would map
+    # all of it; a pass lets go of each chunk's pages once it is gathered
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        save(Image.fromarray(a), tmp_path / "photos" / "ab"[i % 2] / f"{i:04d}.png")
+    d = load_data(DataConfig(source="folder"), str(tmp_path / "photos"), tmp_path / "images")
+    (npy,) = (tmp_path / "images").glob("*.npy")
+    assert npy.stat().st_size > 9_000_000  # 3,000 rows of 3 KB
+    rows = np.arange(0, 3000, 5)
+    expected = np.load(npy)[rows].astype(np.float32) / 255  # read without the store's map
+    got = np.concatenate([b.numpy() for b in d.rows(rows).chunks(100)])
+    np.testing.assert_array_equal(got, expected)
+    assert mapped_kb(npy) < 256  # at most the 64 KB around a chunk's ends
+    unreleased = dataclasses.replace(d.rows(rows), pages=None)  # the control
+    np.testing.assert_array_equal(np.concatenate([b.numpy() for b in unreleased.chunks(100)]), got)
+    assert mapped_kb(npy) > 8_000  # about every page of the file
 
 
 def test_image_size_is_checked_when_the_study_is_loaded() -> None:

@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import binomtest
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, recall_score
 
 EPS = 1e-15  # probabilities are clipped here before a log in per-row losses (as in combiners)
 CI = (2.5, 97.5)  # percentiles of the bootstrap distribution: a 95 % percentile interval
@@ -108,6 +106,10 @@ def metrics(proba: ArrayLike, y: ArrayLike, n_bins: int = 15) -> dict[str, Any]:
     one-hot label (0 best, 2 worst). Classes are 0..C-1 from proba's columns; a class absent from
     both y and the predictions scores 0 recall and 0 F1. The confusion matrix has true rows.
     """
+    # scikit-learn and SciPy are imported where they are used, not with this module: a search
+    # process imports it for `scores` alone, and sklearn.metrics would add ~100 MB to each one
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, recall_score
+
     p, labels = _check(proba, y)
     c = p.shape[1]
     classes = list(range(c))
@@ -194,6 +196,8 @@ def mcnemar(y: ArrayLike, pred_a: ArrayLike, pred_b: ArrayLike) -> dict[str, Any
     a_ok = _labels(pred_a, len(labels), "pred_a") == labels
     b_ok = _labels(pred_b, len(labels), "pred_b") == labels
     b, c = int(np.sum(a_ok & ~b_ok)), int(np.sum(~a_ok & b_ok))
+    from scipy.stats import binomtest
+
     p_value = float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
     return {"b": b, "c": c, "p_value": p_value}
 

@@ -16,8 +16,6 @@ from workbench import export, graph, infer, search
 from workbench.config import StudyConfig, resolved
 from workbench.console import console, ensemble_table
 from workbench.data import ImageData, Split
-from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
-from workbench.ensemble.stage import HeldOut, run_ensemble
 from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
@@ -132,6 +130,11 @@ def ensemble_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Track
 
 
 def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
+    # imported here: the combiners import scikit-learn and SciPy, ~100 MB that the workers forked
+    # before this stage would otherwise each hold (tests/test_fork_parent.py)
+    from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
+    from workbench.ensemble.stage import HeldOut, run_ensemble
+
     configure_threads(1)
     storage, store = search.open_storage(cfg), RunStore(cfg.out, tracker.remote())
     specs: list[MemberSpec] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from workbench.config import DataConfig
-from workbench.data.images import Decoded, ImageData, fingerprint_of
+from workbench.data.images import Decoded, ImageData, Pages, fingerprint_of
 from workbench.data.photos import Policy
 from workbench.data.sources import Source, find_source
 from workbench.files import atomic_write
@@ -70,10 +71,10 @@ def _open(folder: Path, key: str) -> ImageData | None:
     meta_path, npy = folder / f"{key}.json", folder / f"{key}.npy"
     try:
         meta = json.loads(meta_path.read_text())
-        pixels = np.load(npy, mmap_mode="c")  # writable view, shared pages: torch takes it as is
+        pixels, pages = _map(npy)
     except (OSError, ValueError):
         return None
-    if list(pixels.shape) != meta["shape"] or pixels.dtype != np.uint8:
+    if list(pixels.shape) != meta["shape"]:
         return None
     return ImageData(
         torch.from_numpy(pixels),
@@ -85,7 +86,26 @@ def _open(folder: Path, key: str) -> ImageData | None:
         meta["preprocess"],
         tuple(meta["skipped"]),
         meta["fingerprint"],
+        pages,
     )
+
+
+def _map(npy: Path) -> tuple[np.ndarray, Pages]:
+    """The uint8 array in `npy`, mapped copy-on-write (writable, so torch takes it as is, and
+    shared until written: nothing writes it), with the map for `Pages.release`."""
+    with npy.open("rb") as f:
+        fmt = np.lib.format
+        header = (
+            fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        )
+        shape, fortran, dtype = header(f)
+        if dtype != np.uint8 or fortran:
+            raise ValueError(f"{npy} holds {dtype} (fortran order: {fortran}), not C-order uint8")
+        offset = f.tell()
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    count = int(np.prod(shape))
+    pixels = np.frombuffer(mapped, np.uint8, count, offset).reshape(shape)
+    return pixels, Pages(mapped, offset, count // max(shape[0], 1))
 
 
 def _build(source: Source, key: str, folder: Path) -> ImageData:
@@ -136,4 +156,4 @@ def _meta(d: Decoded) -> dict[str, Any]:
 
 def _in_memory(data: ImageData) -> ImageData:
     """A store's data copied into memory, so that its files may be deleted."""
-    return dataclasses.replace(data, pixels=data.pixels.clone())
+    return dataclasses.replace(data, pixels=data.pixels.clone(), pages=None)
