@@ -37,7 +37,7 @@ from workbench.events import (
 )
 from workbench.files import atomic_write, file_digest, save_npz
 from workbench.models import create_model, model_hparams
-from workbench.runtime import derive_seed, seed_everything, select_device
+from workbench.runtime import derive_seed, seed_everything, select_device, trim_memory
 from workbench.store import FoldRecord, RunStore
 from workbench.train import Interrupted, fit, predict_proba, save_checkpoint
 
@@ -189,6 +189,7 @@ class CrossValidator:
         gen = seed_everything(derive_seed(self.cfg.seed, self.model, seed_label, k))
         train, val = self.rows.subset(tr), self.rows.subset(va)
         mean, std = train.channel_stats()  # this fold's training rows only
+        trim_memory()  # its float chunks, and the last fold's inference: given back first
         net = create_model(
             self.arch, self.data.num_classes, self.data.in_shape, mean, std, **model_hp
         ).to(self.device)
