@@ -95,7 +95,7 @@ def cv_folds(
             f"cv.folds = {folds} and class {label} has {counts[k]} training row(s); "
             f"use cv.folds <= {counts[k]}"
         )
-    fold_of = _stratified_folds(y, folds, seed % _SEED_SPACE)
+    fold_of = _stratified_folds(y, folds, seed)
     return [(np.flatnonzero(fold_of != i), np.flatnonzero(fold_of == i)) for i in range(folds)]
 
 
@@ -154,7 +154,7 @@ def _stratified_holdout(
 def _stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """The validation fold of each row: each class dealt round-robin over the folds in sorted
     order (classes numbered by first appearance), then each class's fold numbers shuffled."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(seed % _SEED_SPACE)
     _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
     encoded = np.unique(first, return_inverse=True)[1][inverse.ravel()]
     ordered = np.sort(encoded)
