@@ -112,3 +112,70 @@ def test_a_search_worker_never_imports_scikit_learn_scipy_or_pandas(tiny_file: P
     assert seen["done"] >= 1  # trials ran, folds and scores included
     assert seen["searched"] == []
     assert seen["ensembled"] == ["scipy", "sklearn"]  # the control: the combiners need them
+
+
+def test_release_file_pages_unmaps_clean_library_pages_and_keeps_copied_ones(
+    tmp_path: Path,
+) -> None:
+    # what the parent does before it forks: the pages that loading torch touched (its libraries'
+    # code and constants) are unmapped, the model still computes the same, a clean read-only
+    # file mapping maps again from its file, and a mapping with a copied (written) page is kept
+    data = tmp_path / "pages.bin"
+    data.write_bytes(bytes(range(256)) * 8192)  # 2 MiB, byte i = i % 256
+    seen = run_python(
+        f"""
+        import ctypes, json, mmap
+        import numpy
+        import torch
+        from workbench.models import create_model
+        from workbench.runtime import release_file_pages
+
+        def pss_file_mb():  # the kernel's own sum over this process's file-backed pages
+            for line in open("/proc/self/smaps_rollup"):
+                if line.startswith("Pss_File:"):
+                    return int(line.split()[1]) / 1024
+
+        def resident_kb(address):  # Rss of the mapping that holds `address`
+            lines = open("/proc/self/smaps").read().splitlines()
+            for i, line in enumerate(lines):
+                lo, _, hi = line.split()[0].partition("-")
+                if hi and not lo.endswith(":") and int(lo, 16) <= address < int(hi, 16):
+                    rss = next(x for x in lines[i + 1 :] if x.startswith("Rss:"))
+                    return int(rss.split()[1])
+
+        torch.manual_seed(0)
+        net = create_model("cnn", 3, (3, 16, 16), width=8, depth=2).eval()
+        x = torch.rand(4, 3, 16, 16)
+        with torch.no_grad():
+            before = net(x)
+        f = open({str(data)!r}, "rb")
+        clean = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        copied = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+        copied_at = numpy.frombuffer(copied, dtype=numpy.uint8).ctypes.data
+        copied[:] = clean[:]  # every page read, then copied on write
+        copied[7] = 200  # the file holds 7 there
+        libc = ctypes.CDLL(None)
+        assert libc.mprotect(ctypes.c_void_p(copied_at), len(copied), mmap.PROT_READ) == 0
+        clean_sum = sum(clean[:])  # every page of the clean mapping read: resident
+        clean_at = numpy.frombuffer(clean, dtype=numpy.uint8).ctypes.data
+        kb = (resident_kb(clean_at), resident_kb(copied_at))
+        pss = pss_file_mb()
+        released = release_file_pages()
+        pss_after = pss_file_mb()
+        kb_after = (resident_kb(clean_at), resident_kb(copied_at))
+        with torch.no_grad():
+            after = net(x)
+        print(json.dumps({{
+            "released_mb": released / 2**20, "pss": pss, "pss_after": pss_after,
+            "kb": kb, "kb_after": kb_after, "same": bool(torch.equal(before, after)),
+            "clean_sum": clean_sum, "clean_again": sum(clean[:]), "copied_7": copied[7],
+        }}))
+        """
+    )
+    assert seen["same"] is True  # the code unmapped ran again from the page cache
+    assert seen["kb"] == [2048, 2048]  # both mappings wholly resident before
+    assert seen["kb_after"] == [0, 2048]  # the clean one unmapped; the copied one kept whole
+    assert seen["copied_7"] == 200  # its written byte survives (dropping it would give 7)
+    assert seen["clean_again"] == seen["clean_sum"] == 255 * 256 // 2 * 8192
+    assert seen["released_mb"] > 2  # the clean mapping and torch's loader pages at least
+    assert seen["pss_after"] < seen["pss"] / 2  # most file-backed pages were the loader's

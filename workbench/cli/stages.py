@@ -20,7 +20,7 @@ from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
 from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
-from workbench.runtime import configure_threads
+from workbench.runtime import configure_threads, release_file_pages
 from workbench.store import RunStore
 from workbench.tracking import CHAMPION, Tracker
 
@@ -136,6 +136,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     from workbench.ensemble.stage import HeldOut, run_ensemble
 
     configure_threads(1)
+    release_file_pages()  # what loading the libraries touched (~250 MB): not this stage's pages
     storage, store = search.open_storage(cfg), RunStore(cfg.out, tracker.remote())
     specs: list[MemberSpec] = []
     unopened: list[str] = []
