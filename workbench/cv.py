@@ -53,6 +53,26 @@ def _fits_on(device: Any, pixels: Any) -> bool:
     return bool(pixels.numel() * pixels.element_size() < free / 4)
 
 
+def split_hparams(
+    cfg: StudyConfig, model: str, hp: dict[str, Any]
+) -> tuple[dict[str, Any], TrainConfig, AugmentConfig]:
+    """Hyperparameters of the model factory, then the [train] and [data.augment] configs with
+    the rest applied, for the study file's model section `model`."""
+    arch_keys = set(model_hparams(cfg.models[model].arch or model))
+    model_hp = {k: v for k, v in hp.items() if k in arch_keys}
+    aug = {k: v for k, v in hp.items() if k in AugmentConfig.model_fields}
+    train = {k: v for k, v in hp.items() if k not in arch_keys and k not in aug}
+    try:
+        augment = AugmentConfig.model_validate({**cfg.data.augment.model_dump(), **aug})
+        train_cfg = TrainConfig.model_validate({**cfg.train.model_dump(), **train})
+    except ValidationError as e:  # a combination the study file's space allows
+        raise ConfigError(
+            f"models.{model}: the hyperparameters {train | aug} make an invalid "
+            f"[train] config: {e.errors()[0]['msg']}"
+        ) from None
+    return model_hp, train_cfg, augment
+
+
 class Pruned(Exception):
     """Raised by a `Report` hook: this configuration is hopeless, stop training it."""
 
@@ -109,25 +129,6 @@ class CrossValidator:
         searched = spec.space.get("epochs")
         return int(getattr(searched, "high", spec.params.get("epochs", self.cfg.train.epochs)))
 
-    def split_hparams(
-        self, hp: dict[str, Any]
-    ) -> tuple[dict[str, Any], TrainConfig, AugmentConfig]:
-        """Hyperparameters of the model factory, then the [train] and [data.augment] configs
-        with the rest applied."""
-        arch_keys = set(model_hparams(self.arch))
-        model_hp = {k: v for k, v in hp.items() if k in arch_keys}
-        aug = {k: v for k, v in hp.items() if k in AugmentConfig.model_fields}
-        train = {k: v for k, v in hp.items() if k not in arch_keys and k not in aug}
-        try:
-            augment = AugmentConfig.model_validate({**self.cfg.data.augment.model_dump(), **aug})
-            cfg = TrainConfig.model_validate({**self.cfg.train.model_dump(), **train})
-        except ValidationError as e:  # a combination the study file's space allows
-            raise ConfigError(
-                f"models.{self.model}: the hyperparameters {train | aug} make an invalid "
-                f"[train] config: {e.errors()[0]['msg']}"
-            ) from None
-        return model_hp, cfg, augment
-
     def run(
         self,
         hp: dict[str, Any],
@@ -140,7 +141,7 @@ class CrossValidator:
 
         `seed_label` names the run in fold seeds (default: `ref.label`); a retry passes its first
         try's, so the folds it trains are the ones the first try would have trained."""
-        model_hp, train_cfg, augment = self.split_hparams(hp)
+        model_hp, train_cfg, augment = split_hparams(self.cfg, self.model, hp)
         seed_label = ref.label if seed_label is None else seed_label
         y = self.y.numpy()
         oof = np.full((len(y), self.data.num_classes), np.nan)
