@@ -27,7 +27,7 @@ import numpy as np
 from workbench import search, tracking
 from workbench.config import StudyConfig
 from workbench.cv import split_hparams
-from workbench.data import V2_KEYS, ImageData, Split, batch_mixer, per_image
+from workbench.data import V2_KEYS, ImageData, Split
 from workbench.errors import WorkbenchError
 from workbench.models import create_model
 from workbench.runtime import (
@@ -149,17 +149,16 @@ def _warm_up(cfg: StudyConfig, data: ImageData) -> None:
     Workers that train on a GPU run no oneDNN kernels: for them two images do (the imports), and
     the parent still leaves CUDA uninitialised (the model stays on the CPU)."""
     on_cpu = select_device(cfg.device).type == "cpu"  # asks NVML only: CUDA stays untouched
+    n = len(data.y)
     for name, spec in cfg.models.items():
         model_hp, train_cfg, augment = split_hparams(cfg, name, dict(spec.params))
         net = create_model(spec.arch or name, data.num_classes, data.in_shape, **model_hp)
-        n = len(data.y)
         batch = data.rows(np.arange(min(train_cfg.batch_size if on_cpu else 2, n)))
         scored = data.rows(np.arange(min(EVAL_BATCH if on_cpu else 2, n)))
+        # fit builds this model's per-image pipeline and batch mixer: their imports are made
         fit(net, batch, scored, train_cfg.model_copy(update={"epochs": 1}), augment=augment)
         if V2_KEYS & set(spec.space):  # searched: the pipeline above may have had no v2 step
             import torchvision.transforms.v2  # noqa: F401
-    per_image(cfg.data.augment, data.in_shape[1:])
-    batch_mixer(cfg.data.augment, data.num_classes)
     tracking.preload(cfg)  # MLflow's client: 2.5 s and 74 MB a worker otherwise
     search.preload(cfg)  # alembic, the ORM models, the dialect: 20 MB a process otherwise
 
