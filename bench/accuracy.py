@@ -8,7 +8,6 @@ RBF SVC 99.17 % on this split (seed 0); C=10 reproduces it (C=1 gives 98.61 %).
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from datetime import datetime
@@ -23,6 +22,7 @@ from sklearn.svm import SVC
 from bench.common import ROOT, Figure, ItemResult, at_least, at_most
 from workbench.config import DataConfig
 from workbench.data import data_fingerprint, load_data
+from workbench.store import RunStore
 
 
 def references(out: Path) -> dict[str, dict[str, float]]:
@@ -54,14 +54,16 @@ def references(out: Path) -> dict[str, dict[str, float]]:
 
 
 def final_scores(out: Path) -> dict[str, float]:
-    results = json.loads((out / "ensemble" / "results.json").read_text())
-    best = next(m for m in results["members"] if m["name"] == results["best_single"])
+    results = RunStore(out).ensemble_result()
+    if results is None:
+        raise ValueError(f"no ensemble result of this workbench's layout in {out}")
+    bag = results.rung("k-fold bag").test
     return {
-        "accuracy": 100 * results["final"]["test"]["accuracy"],
-        "log_loss": results["final"]["test"]["log_loss"],
-        "best_single_accuracy": 100 * best["test"]["accuracy"],
-        "best_single_log_loss": best["test"]["log_loss"],
-        "method": results["final"]["method"],
+        "accuracy": 100 * results.final.test.accuracy,
+        "log_loss": results.final.test.log_loss,
+        "best_single_accuracy": 100 * bag.accuracy,
+        "best_single_log_loss": bag.log_loss,
+        "method": results.final.method,
     }
 
 
@@ -72,7 +74,7 @@ def compare(label: str, out: Path) -> tuple[list[Figure], dict[str, Any]]:
         Figure(f"{label}: final ({final['method']}) accuracy", final["accuracy"], "%"),
         Figure(f"{label}: final log loss", final["log_loss"], "nats"),
         Figure(
-            f"{label}: best single member",
+            f"{label}: best member's k-fold bag",
             final["best_single_accuracy"],
             "%",
             note=f"log loss {final['best_single_log_loss']:.4f}",

@@ -11,6 +11,7 @@
     9 store training   fit on uint8 store rows vs float tensors, 28x28          >= 0.95x
    10 ONNX             the final model: onnxruntime vs torch eager (img/s), 1 thread and all cores
    11 predict          `workbench predict` on 10,000 PNG files: img/s, share decoding
+   12 ladder           one network to the shipped ensemble on MNIST and photos made from it
 
 python bench/run.py [--quick] [--full] [--profile] [--only N[,N]] [--out DIR] [--keep]
 Writes <out>/bench.json and bench.md (default reports/bench/). Studies run in a temp folder.
@@ -33,7 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/ru
 
 from rich.console import Console
 
-from bench import accuracy, end_to_end, images, inference, output, search_stage, training, use
+from bench import (
+    accuracy,
+    end_to_end,
+    images,
+    inference,
+    ladder,
+    output,
+    search_stage,
+    training,
+    use,
+)
 from bench.common import ROOT, ItemResult, StudyRun, machine, machine_tag
 from workbench.runtime import configure_threads
 
@@ -51,7 +62,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also profile item 1's loops (cProfile, torch.profiler) into <out>/profile.txt",
     )
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="items to run, e.g. 1 or 2,3")
+    p.add_argument(
+        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="items to run, e.g. 1 or 2,3"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="output folder")
     p.add_argument("--keep", action="store_true", help="keep the temp folder of the studies")
     args = p.parse_args(argv)
@@ -140,6 +153,10 @@ def item_11(ctx: Context) -> ItemResult:
     return result
 
 
+def item_12(ctx: Context) -> ItemResult:
+    return ladder.run(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
+
+
 ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     1: ("Training-loop overhead", item_1),
     2: ("Tracking overhead", item_2),
@@ -152,6 +169,7 @@ ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     9: ("Training from the store", item_9),
     10: ("The final model as ONNX", item_10),
     11: ("Predicting files", item_11),
+    12: ("The ensemble ladder", item_12),
 }
 
 

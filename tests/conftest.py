@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,3 +253,35 @@ class Tables(HTMLParser):
         for buf in (self._cell, self._heading):
             if buf is not None:
                 buf.append(data)
+
+
+def synthetic_result(out: Path, methods: tuple[str, ...] = ("soft_voting",)) -> Any:
+    """A real EnsembleResult of the ensemble stage on 3 synthetic members (random Dirichlet
+    probabilities, 3 classes, 60 OOF and 30 test rows), stored under `out`; no training. The
+    ensemble package is imported here, not with this module: forked-worker tests check that
+    scikit-learn stays out of a search process."""
+    import numpy as np
+
+    from workbench.config import EnsembleConfig
+    from workbench.ensemble.members import Member, MemberSpec
+    from workbench.ensemble.stage import HeldOut, run_ensemble
+    from workbench.results import TestProbas
+    from workbench.store import RunStore
+
+    rng = np.random.default_rng(0)
+    y, y_test = rng.integers(0, 3, 60), rng.integers(0, 3, 30)
+    members = [
+        Member(MemberSpec(f"mlp/trial-{i}", "mlp", i, "trial", 0.5, out), oof, ())
+        for i, oof in enumerate(rng.dirichlet(np.ones(3), size=(3, 60)))
+    ]
+    tests = rng.dirichlet(np.ones(3), size=(3, 30))
+    return run_ensemble(
+        members,
+        y,
+        HeldOut(y_test, ["0", "1", "2"], "split"),
+        EnsembleConfig(methods=methods, bootstrap=100),
+        RunStore(out),
+        0,
+        lambda best: TestProbas(tests, tests[best][None]),
+        folds=3,
+    )

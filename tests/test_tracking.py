@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from conftest import CLI_ENV, TINY, mlflow_server, run_cli
+from conftest import CLI_ENV, TINY, mlflow_server, run_cli, synthetic_result
 
 import workbench
 from workbench.config import load_study
@@ -320,10 +320,21 @@ def test_ensemble_run_holds_test_metrics_results_and_model(record: Record) -> No
     assert [r.name for r in ensembles] == ["ensemble"]  # the resume reused the evaluation
     ens = ensembles[0]
     assert ens.status == "FINISHED"
-    best = next(m for m in results["members"] if m["name"] == results["best_single"])
     for key in ("accuracy", "log_loss"):
         assert ens.metrics[f"test_{key}"] == pytest.approx(results["final"]["test"][key])
-        assert ens.metrics[f"best_single_test_{key}"] == pytest.approx(best["test"][key])
+    # the ladder: every rung's test metrics, its gains with their CI ends, its cost
+    for rung in results["ladder"]:
+        at = f"rung/{rung['name']}/"
+        assert ens.metrics[f"{at}test_accuracy"] == pytest.approx(rung["test"]["accuracy"])
+        assert ens.metrics[f"{at}ms_per_image"] == pytest.approx(rung["cost"]["ms_per_image"])
+        if rung["vs_network"]:
+            gain = rung["vs_network"]["accuracy"]
+            assert ens.metrics[f"{at}gain_vs_network_accuracy"] == pytest.approx(gain["diff"])
+            assert ens.metrics[f"{at}gain_vs_network_accuracy_ci_low"] == pytest.approx(
+                gain["ci_low"]
+            )
+    assert ens.tags["workbench.shipped"] == results["final"]["method"]
+    assert results["choice"]["reason"] in ens.tags["mlflow.note.content"]  # the run's description
 
     children = {r.name: r for r in runs if r.parent == ens.id}
     assert set(children) == {f"ensemble/{m}" for m in results["methods"]}
@@ -439,7 +450,7 @@ def test_disabled_tracker_makes_no_store(
 
 
 def test_no_run_is_left_running_by_a_dead_worker_or_a_failure(
-    tmp_path: Path, tiny_file: Path
+    tmp_path: Path, tiny_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker killed mid-trial cannot end its runs: the parent's end_study does (FAILED). A fold
     run left open by a failure after training ends with its trial; a failed ensemble log ends its
@@ -478,15 +489,17 @@ def test_no_run_is_left_running_by_a_dead_worker_or_a_failure(
     exp = parent.experiment_id()
     assert len(client.search_runs([exp], "tags.`workbench.kind` = 'study'")) == 1
 
-    results = {
-        "chosen": "soft_voting",
-        "test_evaluations": 1,
-        "best_single": "mlp/trial-0",
-        "members": [{"name": "mlp/trial-0", "test": {"accuracy": 0.9}}],
-        "final": {"test": {"accuracy": 0.9}},
-        "methods": {"soft_voting": {"oof": {"accuracy": 0.9}}},  # no "test": the child fails
-    }
-    with pytest.raises(KeyError, match="test"):
+    results = synthetic_result(tmp_path / "ensemble")
+    real, calls = parent.log_metrics, []
+
+    def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
+        calls.append(run_id)
+        if len(calls) == 2:  # the first method's child run
+            raise RuntimeError("the tracking server went away")
+        real(run_id, values, step)
+
+    monkeypatch.setattr(parent, "log_metrics", log_metrics)
+    with pytest.raises(RuntimeError, match="went away"):
         parent.log_ensemble(results, NO_MODEL)
     ensemble = client.search_runs([exp], "tags.`workbench.kind` = 'ensemble'")
     assert sorted(r.info.run_name for r in ensemble) == ["ensemble", "ensemble/soft_voting"]

@@ -51,6 +51,20 @@ def test_fit_learns_digits_and_reports_every_epoch(digits: tuple) -> None:
     assert result.images_per_second > 0
 
 
+def test_a_refit_trains_without_validation_rows_and_keeps_the_last_epoch(digits: tuple) -> None:
+    """A refit on every training row (search/followups.py) has nothing to score or stop on: each
+    epoch reports its training loss and learning rate only, the model holds the last epoch's
+    weights, and early stopping, which needs validation rows, is refused."""
+    train, val = split(digits)
+    model = model_for(train[0])
+    result = fit(model, train, None, TrainConfig(epochs=3, lr=1e-2))
+    assert [set(e) for e in result.history] == [{"train_loss", "lr"}] * 3
+    assert result.best_epoch == 2
+    assert np.mean(predict_proba(model, val[0]).argmax(1) == val[1].numpy()) > 0.8  # it learnt
+    with pytest.raises(ValueError, match="patience = 2 stops on validation loss"):
+        fit(model_for(train[0]), train, None, TrainConfig(epochs=3, patience=2))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "cosine_restarts", "constant"])
 def test_every_optimizer_and_schedule_trains(digits: tuple, optimizer: str, schedule: str) -> None:

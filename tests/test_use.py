@@ -59,7 +59,7 @@ def done(tmp_path_factory: pytest.TempPathFactory) -> Done:
     text = TINY.format(out=tmp / "runs").replace(
         "[tracking]\nenabled = false",
         f'[tracking]\nenabled = true\nuri = "{store}"\nregister_as = "{NAME}"\n'
-        '[ensemble]\nmethods = ["hard_voting"]\ntemperature = true',
+        '[ensemble]\nmethods = ["hard_voting"]\ntemperature = true\nship = "ensemble"',
     )
     study = tmp / "tiny.toml"
     study.write_text(text)

@@ -179,7 +179,13 @@ class EnsembleConfig(_Frozen):
     selection_init: int = Field(3, ge=1)  # ensemble selection: start from the N best members
     selection_bags: int = Field(1, ge=1)  # ensemble selection: bagged runs averaged
     temperature: bool = True  # temperature-scale the chosen ensemble, T fit on OOF rows
+    # what ships: "auto", the best combiner only when it beats the best member alone on OOF rows
+    # by more than the noise (ensemble/choice.py); "ensemble" or "member" whatever the margin
+    ship: Literal["auto", "ensemble", "member"] = "auto"
     snapshots: int = Field(0, ge=0)  # cosine cycles of a snapshot run of each best config; 0 off
+    # retrain each model's best configuration once on every training row (a queued run of the
+    # search): the ladder's "one network on all rows", beside the fold models it is compared with
+    refit: bool = False
     bootstrap: int = Field(2000, ge=100)  # paired bootstrap resamples for confidence intervals
 
 

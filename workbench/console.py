@@ -6,14 +6,30 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from workbench.errors import WorkbenchError
+from workbench.results import EnsembleResult, Interval
 from workbench.search import ModelProgress
 
 console = Console()
+
+
+def print_wide(renderable: Any, width: int = 112) -> None:
+    """Print a wide table whole: a log file (no terminal) gets `width` columns, not rich's 80;
+    a terminal keeps its own width."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    before = console.width
+    console.width = max(before, width)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = before
 
 
 def print_error(e: WorkbenchError) -> None:
@@ -81,38 +97,54 @@ def _params(params: dict[str, Any]) -> str:
     )
 
 
-def ensemble_table(results: dict[str, Any]) -> Table:
-    """Every method and the best single member on the test split, the chosen one marked."""
+def _points(interval: Interval | None) -> str:
+    """A gain in accuracy points with its 95 % CI: '+0.22 (+0.00,+0.44)'."""
+    if interval is None:
+        return ""
+    i = interval
+    return f"{i.diff * 100:+.2f} ({i.ci_low * 100:+.2f},{i.ci_high * 100:+.2f})"
+
+
+def ladder_table(results: EnsembleResult) -> Table:
+    """The ladder on the test split: one network, refits, the k-fold bag, each combiner, what
+    ships (*); each with its gain in accuracy points (95 % CI) over the rung below and over one
+    network, and its cost. Fits a 100-column terminal; the rungs' details follow it."""
     table = Table(
-        title=f"test split ({results['n_test']} images), evaluated once "
-        f"(test evaluations so far: {results['test_evaluations']})"
+        title=f"the ladder: test split ({results.n_test} images), evaluated once "
+        f"(test evaluations so far: {results.test_evaluations})",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
-    for col in ("", "accuracy", "log loss", "ECE", "Δ acc vs best single (95% CI)"):
-        table.add_column(col, justify="left" if not col else "right")
-    best = next(m for m in results["members"] if m["name"] == results["best_single"])
-    rows = [(f"best single: {best['name']}", best["test"], None)]
-    rows += [(name, m["test"], m["vs_best_single"]) for name, m in results["methods"].items()]
-    final = results["final"]
-    t = final["temperature"]
-    rows.append(
-        (
-            f"final: {final['method']}" + (f" + T={t:.2f}" if t else ""),
-            final["test"],
-            final["vs_best_single"],
-        )
-    )
-    for name, test, vs in rows:
-        ci = vs["accuracy"] if vs else None
-        delta = f"{ci['diff']:+.2%} ({ci['ci_low']:+.2%}, {ci['ci_high']:+.2%})" if ci else ""
-        mark = " *" if name == results["chosen"] else ""
+    for col in ("rung", "acc.", "log loss", "ECE", "Δ pts vs below", "Δ pts vs one net"):
+        table.add_column(col, justify="left" if col == "rung" else "right", no_wrap=True)
+    table.add_column("ms/img", justify="right")
+    table.add_column("MB", justify="right")
+    for r in results.ladder:
+        c = r.cost
         table.add_row(
-            name + mark,
-            f"{test['accuracy']:.2%}",
-            f"{test['log_loss']:.4f}",
-            f"{test['ece']:.4f}",
-            delta,
+            "final *" if r.kind == "final" else r.name.replace("_", " "),
+            f"{r.test.accuracy:.2%}",
+            f"{r.test.log_loss:.4f}",
+            f"{r.test.ece:.4f}",
+            _points(r.vs_below.accuracy if r.vs_below else None),
+            _points(r.vs_network.accuracy if r.vs_network else None),
+            f"{c.ms_per_image:.3f}" if c else "-",
+            f"{c.bytes / 1e6:.1f}" if c else "-",
         )
     return table
+
+
+def ladder_notes(results: EnsembleResult) -> list[str]:
+    """What the rungs are, under the table: one network's range, what ships and why."""
+    lines = []
+    for r in results.ladder:
+        if r.spread is not None:
+            lo, hi = r.spread.accuracy
+            lines.append(f"{r.name}: {r.label}; fold models {lo:.2%} to {hi:.2%}")
+        elif r.kind in ("refit", "bag", "final"):
+            lines.append(f"{'final *' if r.kind == 'final' else r.name}: {r.label}")
+    lines.append(f"why: {results.choice.reason}")
+    return lines
 
 
 def labels_table(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> Table:

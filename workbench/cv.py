@@ -90,6 +90,7 @@ class CVResult:
     history: list[list[dict[str, float]]] = field(default_factory=list)
     snapshots: int = 0  # snapshot members written beside the run (snap-<m>/)
     resumed: list[int] = field(default_factory=list)  # folds kept from an earlier try
+    best_epochs: list[int] = field(default_factory=list)  # per fold: the epoch its model holds
 
     def summary(self) -> dict[str, float]:
         return {
@@ -165,6 +166,7 @@ class CrossValidator:
             result.accuracy.append(fold_scores["accuracy"])
             result.log_loss.append(fold_scores["log_loss"])
             result.history.append(fold.history)
+            result.best_epochs.append(fold.best_epoch)
         save_npz(self.run_store.oof(out), rows=self.split.train_idx, y=y, proba=oof)
         history = json.dumps(result.history).encode()
         atomic_write(self.run_store.history(out), lambda f: f.write(history))
@@ -212,16 +214,7 @@ class CrossValidator:
                 on_epoch=on_epoch,
                 should_stop=self.should_stop,
             )
-            meta = {
-                "arch": self.arch,
-                "num_classes": self.data.num_classes,
-                "in_shape": list(self.data.in_shape),
-                "preprocess": self.data.preprocess,  # how image files became these inputs
-                "hparams": model_hp,
-                "study": f"{self.cfg.name}/{self.model}",
-                "run": str(ref.label),
-                "fold": k,
-            }
+            meta = self._meta(model_hp, ref, k)
             ckpt = save_checkpoint(self.run_store.checkpoint(out, k), net, meta)
             digest, size = file_digest(ckpt)
             self.events.emit(CheckpointWritten(ref, k, ckpt.resolve().as_uri(), digest, size))
@@ -241,3 +234,58 @@ class CrossValidator:
             raise
         self.events.emit(FoldEnded(ref, k, "COMPLETE", best_epoch=result.best_epoch))
         return record
+
+    def _meta(self, model_hp: dict[str, Any], ref: RunRef, fold: int) -> dict[str, Any]:
+        """What a checkpoint records beside its weights (what rebuilds the network)."""
+        return {
+            "arch": self.arch,
+            "num_classes": self.data.num_classes,
+            "in_shape": list(self.data.in_shape),
+            "preprocess": self.data.preprocess,  # how image files became these inputs
+            "hparams": model_hp,
+            "study": f"{self.cfg.name}/{self.model}",
+            "run": str(ref.label),
+            "fold": fold,
+        }
+
+    def refit(
+        self, hp: dict[str, Any], out: Path, ref: RunRef, seed_label: int | str
+    ) -> list[dict[str, float]]:
+        """Train the configuration once on every training row: no validation rows, no pruning,
+        the last epoch's weights (search/followups.py sets its epochs). Writes `model.pt` and
+        history.json in `out`; returns the per-epoch history. Told as one fold (fold 0), so
+        tracking records it as it records a fold; a retry trains it again from the start."""
+        model_hp, train_cfg, augment = split_hparams(self.cfg, self.model, hp)
+        gen = seed_everything(derive_seed(self.cfg.seed, self.model, seed_label, 0))
+        mean, std = self.rows.channel_stats()  # every training row's
+        trim_memory()
+        net = create_model(
+            self.arch, self.data.num_classes, self.data.in_shape, mean, std, **model_hp
+        ).to(self.device)
+        self.events.emit(FoldStarted(ref, 0))
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            self.events.emit(EpochEnded(ref, 0, epoch, metrics))
+
+        try:
+            result = fit(
+                net,
+                self.rows,
+                None,
+                train_cfg,
+                augment=augment,
+                generator=gen,
+                on_epoch=on_epoch,
+                should_stop=self.should_stop,
+            )
+            path = self.run_store.refit_checkpoint(out)
+            ckpt = save_checkpoint(path, net, self._meta(model_hp, ref, 0))
+            digest, size = file_digest(ckpt)
+            self.events.emit(CheckpointWritten(ref, 0, ckpt.resolve().as_uri(), digest, size))
+            history = json.dumps([result.history]).encode()
+            atomic_write(self.run_store.history(out), lambda f: f.write(history))
+        except BaseException as e:
+            self.events.emit(FoldEnded(ref, 0, run_state(e)))
+            raise
+        self.events.emit(FoldEnded(ref, 0, "COMPLETE", best_epoch=result.best_epoch))
+        return result.history

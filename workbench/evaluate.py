@@ -56,18 +56,21 @@ def _check(proba: ArrayLike, y: ArrayLike) -> tuple[NDArray[np.float64], NDArray
 
 
 def _bins(
-    p: NDArray[np.float64], y: NDArray[np.intp], n_bins: int
+    p: NDArray[np.float64], y: NDArray[np.intp], n_bins: int, pred: NDArray[np.intp] | None = None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]:
     """Top-label confidence bins: (edges, summed confidence, summed correctness, count) per bin.
 
-    Bins are equal-width on [0, 1], closed on the right: (k/n, (k+1)/n]; as in sklearn's
-    calibration_curve, a confidence exactly on an edge goes to the lower bin.
+    The label is `pred` (what the classifier ships; default the argmax of `p`) and its
+    confidence is its probability. Bins are equal-width on [0, 1], closed on the right:
+    (k/n, (k+1)/n]; as in sklearn's calibration_curve, a confidence on an edge goes to the
+    lower bin.
     """
     if n_bins < 1:
         raise ValueError(f"`n_bins >= 1` must hold, but got n_bins={n_bins}")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    label = p.argmax(axis=1) if pred is None else pred
+    conf = p[np.arange(len(label)), label]
+    correct = (label == y).astype(np.float64)
     ids = np.searchsorted(edges[1:-1], conf)
     return (
         edges,
@@ -77,12 +80,15 @@ def _bins(
     )
 
 
-def reliability(proba: ArrayLike, y: ArrayLike, n_bins: int = 15) -> dict[str, Any]:
+def reliability(
+    proba: ArrayLike, y: ArrayLike, n_bins: int = 15, pred: ArrayLike | None = None
+) -> dict[str, Any]:
     """Per-bin mean confidence, accuracy and row count, for a reliability diagram.
 
     Empty bins have confidence and accuracy None. `edges` has n_bins + 1 entries.
     """
-    edges, conf, correct, count = _bins(*_check(proba, y), n_bins)
+    p, labels = _check(proba, y)
+    edges, conf, correct, count = _bins(p, labels, n_bins, _pred(pred, len(labels)))
     return {
         "edges": edges.tolist(),
         "confidence": [float(c / k) if k else None for c, k in zip(conf, count, strict=True)],
@@ -91,20 +97,32 @@ def reliability(proba: ArrayLike, y: ArrayLike, n_bins: int = 15) -> dict[str, A
     }
 
 
-def expected_calibration_error(proba: ArrayLike, y: ArrayLike, n_bins: int = 15) -> float:
-    """Top-label ECE: sum over bins of (bin rows / rows) * |bin accuracy - bin confidence|."""
+def _pred(pred: ArrayLike | None, n: int) -> NDArray[np.intp] | None:
+    return None if pred is None else _labels(pred, n, "pred")
+
+
+def expected_calibration_error(
+    proba: ArrayLike, y: ArrayLike, n_bins: int = 15, pred: ArrayLike | None = None
+) -> float:
+    """Top-label ECE: sum over bins of (bin rows / rows) * |bin accuracy - bin confidence|, for
+    the label `pred` (default: the argmax) and its probability."""
     p, labels = _check(proba, y)
-    _, conf, correct, _ = _bins(p, labels, n_bins)
+    _, conf, correct, _ = _bins(p, labels, n_bins, _pred(pred, len(labels)))
     # (count / rows) * |correct / count - conf / count| = |correct - conf| / rows, per bin
     return float(np.abs(correct - conf).sum() / len(labels))
 
 
-def metrics(proba: ArrayLike, y: ArrayLike, n_bins: int = 15) -> dict[str, Any]:
+def metrics(
+    proba: ArrayLike, y: ArrayLike, n_bins: int = 15, pred: ArrayLike | None = None
+) -> dict[str, Any]:
     """Accuracy, macro F1, log loss (nats), Brier, ECE, per-class recall and confusion matrix.
 
-    Brier is the multiclass original: mean over rows of the summed squared error against the
-    one-hot label (0 best, 2 worst). Classes are 0..C-1 from proba's columns; a class absent from
-    both y and the predictions scores 0 recall and 0 F1. The confusion matrix has true rows.
+    The label metrics score `pred`, the labels the classifier ships (default: the argmax of
+    `proba`; hard voting's tie rule can differ from it), and ECE uses the shipped label's
+    probability. Brier is the multiclass original: mean over rows of the summed squared error
+    against the one-hot label (0 best, 2 worst). Classes are 0..C-1 from proba's columns; a class
+    absent from both y and the predictions scores 0 recall and 0 F1. The confusion matrix has
+    true rows.
     """
     # scikit-learn and SciPy are imported where they are used, not with this module: a search
     # process imports it for `scores` alone, and sklearn.metrics would add ~100 MB to each one
@@ -113,20 +131,27 @@ def metrics(proba: ArrayLike, y: ArrayLike, n_bins: int = 15) -> dict[str, Any]:
     p, labels = _check(proba, y)
     c = p.shape[1]
     classes = list(range(c))
-    pred = p.argmax(axis=1)
+    shipped = p.argmax(axis=1) if pred is None else _labels(pred, len(labels), "pred")
     one_hot = np.eye(c)[labels]
     return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "macro_f1": float(f1_score(labels, pred, labels=classes, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(labels, shipped)),
+        "macro_f1": float(
+            f1_score(labels, shipped, labels=classes, average="macro", zero_division=0)
+        ),
         "log_loss": float(log_loss(labels, p, labels=classes)),
         # sklearn < 1.7 has no multiclass Brier score, so it is one line here
         "brier": float(np.mean(np.sum((p - one_hot) ** 2, axis=1))),
-        "ece": expected_calibration_error(p, labels, n_bins),
+        "ece": expected_calibration_error(p, labels, n_bins, shipped),
         "per_class_recall": recall_score(
-            labels, pred, labels=classes, average=None, zero_division=0
+            labels, shipped, labels=classes, average=None, zero_division=0
         ).tolist(),
-        "confusion": confusion_matrix(labels, pred, labels=classes).tolist(),
+        "confusion": confusion_matrix(labels, shipped, labels=classes).tolist(),
     }
+
+
+def row_log_loss(proba: ArrayLike, y: ArrayLike) -> NDArray[np.float64]:
+    """Per-row log loss (nats) of `proba` (rows, classes), probabilities clipped at EPS."""
+    return _row_log_loss(proba, _labels(y), "proba")
 
 
 def _row_log_loss(proba: ArrayLike, y: NDArray[np.intp], name: str) -> NDArray[np.float64]:
@@ -183,6 +208,50 @@ def paired_bootstrap(
     for name, row, dist in zip(stats, d, boot, strict=True):
         lo, hi = np.percentile(dist, CI)
         out[name] = {"diff": float(row.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+    return out
+
+
+def interval(d: ArrayLike, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The mean of per-row differences `d` (rows,) with its 95 % bootstrap percentile interval:
+    {"diff", "ci_low", "ci_high"}."""
+    rows = np.asarray(d, dtype=np.float64)[None]
+    if rows.shape[1] == 0 or n_boot < 1:
+        raise ValueError(f"need >= 1 row and n_boot >= 1, but got {rows.shape[1]} rows, {n_boot=}")
+    lo, hi = np.percentile(_bootstrap_means(rows, n_boot, seed)[0], CI)
+    return {"diff": float(rows.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def paired_against_many(
+    y: ArrayLike,
+    pred_a: ArrayLike,
+    proba_a: ArrayLike,
+    preds_b: ArrayLike,
+    probas_b: ArrayLike,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A against B = k classifiers (the fold models of one configuration, each alone): per row,
+    B's correctness and log loss are their means over the k, so the difference is A's expected
+    gain over one of them picked at random. `preds_b` (k, rows), `probas_b` (k, rows, classes).
+    Returns paired_bootstrap's {"accuracy", "log_loss", "n_boot", "seed"}."""
+    labels = _labels(y)
+    a = _labels(pred_a, len(labels), "pred_a")
+    many = np.asarray(preds_b)
+    pb = np.asarray(probas_b, dtype=np.float64)
+    if many.ndim != 2 or pb.shape[:2] != many.shape:
+        raise ValueError(
+            f"preds_b must be (k, {len(labels)}) and probas_b (k, {len(labels)}, classes), but "
+            f"got {many.shape} and {pb.shape}"
+        )
+    b_correct = np.mean([_labels(p, len(labels), "preds_b") == labels for p in many], axis=0)
+    b_loss = np.mean([_row_log_loss(p, labels, "probas_b") for p in pb], axis=0)
+    d = {
+        "accuracy": (a == labels) - b_correct,
+        "log_loss": _row_log_loss(proba_a, labels, "proba_a") - b_loss,
+    }
+    out: dict[str, Any] = {"n_boot": n_boot, "seed": seed}
+    for name, rows in d.items():  # the same resamples for both: one seed
+        out[name] = interval(rows, n_boot, seed)
     return out
 
 

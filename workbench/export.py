@@ -23,6 +23,7 @@ from workbench.events import ModelPackaged
 from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
 from workbench.serving import IMAGE_COLUMN, LOADER, ServedModel, encode_png, requirements
+from workbench.store import RunStore
 
 
 def save_final(
@@ -42,7 +43,7 @@ def save_final(
     state = {**state, "weights": [w for _, w in kept]}
     for i, ((_, checkpoints), _) in enumerate(kept):
         for k, ckpt in enumerate(checkpoints):
-            dst = tmp / "members" / str(i) / f"fold-{k}.pt"
+            dst = RunStore.final_checkpoint(tmp, i, k)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ckpt, dst)
     meta = {
@@ -55,7 +56,7 @@ def save_final(
         "input": "float32 images (N, C, H, W), values in [0, 1]",
         "preprocess": preprocess,  # how image files become inputs: size, resize policy, channels
     }
-    atomic_write(tmp / "ensemble.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(RunStore.final_meta(tmp), lambda f: f.write(json.dumps(meta, indent=2).encode()))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -80,7 +81,7 @@ def packaged(
     example = serving_example(pixels, scale)
     output = ServedModel(model).predict(example)
     return ModelPackaged(
-        artifacts={"final": str(final)},
+        artifacts={RunStore.FINAL_ARTIFACT: str(final)},
         loader=LOADER,
         code_paths=[str(Path(workbench.__file__).parent)],
         requirements=requirements(final, [example, pixels]),

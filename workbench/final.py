@@ -5,10 +5,10 @@ combiner's rule (member weights, soft or hard vote, temperature) and its tie rul
 
 It computes what the ensemble stage scored on the test split, in the same order and precision:
 each fold model's logits to float64 softmax, the member's mean over its folds
-(workbench/infer.py), then the combiner of workbench/ensemble/combiners.py written in torch ops
-(`weighted_mean`, `_vote_shares`, HardVoting's tie rule, TemperatureScaling). `workbench
-predict`, the MLflow model and the ONNX graph all run this module; tests/test_final.py checks it
-against the combiners on ties and on a study's test split.
+(workbench/infer.py's `member_proba`), then the combiner of workbench/ensemble/combiners.py
+written in torch ops (`weighted_mean`, `_vote_shares`, HardVoting's tie rule,
+TemperatureScaling). `workbench predict`, the MLflow model and the ONNX graph all run this module;
+tests/test_final.py checks it against the combiners on ties and on a study's test split.
 
 `inputs` turns what a user has (uint8 pixels, (N, H, W) or (N, H, W, C), or floats in [0, 1])
 into the module's input, with errors that say what the model takes.
@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from workbench.errors import ConfigError, DataError
+from workbench.infer import member_proba
 from workbench.models import Classifier
+from workbench.store import RunStore
 from workbench.train import EVAL_BATCH, load_model
 
 EPS = 1e-15  # combiners.EPS: probabilities are clipped here before the temperature's log
@@ -60,13 +62,9 @@ class FinalEnsemble(nn.Module):
         self.eval()
 
     def member_probas(self, x: torch.Tensor) -> torch.Tensor:
-        """(members, N, classes) float64: each member's mean of its fold models' softmax."""
-        return torch.stack(
-            [
-                torch.stack([torch.softmax(m(x).double(), dim=1) for m in folds.children()]).mean(0)
-                for folds in self.members
-            ]
-        )
+        """(members, N, classes) float64: each member's mean of its fold models' softmax, by
+        member inference's one step (workbench/infer.py)."""
+        return torch.stack([member_proba(list(folds.children()), x) for folds in self.members])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         P = self.member_probas(x)
@@ -167,10 +165,10 @@ class FinalEnsemble(nn.Module):
     def load(cls, folder: str | Path, device: str = "cpu") -> FinalEnsemble:
         """The final model from its folder (workbench/export.py writes it)."""
         folder = Path(folder)
-        meta = json.loads((folder / "ensemble.json").read_text())
+        meta = json.loads(RunStore.final_meta(folder).read_text())
         members = [
             [
-                load_model(folder / "members" / str(i) / f"fold-{k}.pt", device)
+                load_model(RunStore.final_checkpoint(folder, i, k), device)
                 for k in range(meta["folds"])
             ]
             for i in range(len(meta["members"]))

@@ -5,9 +5,11 @@ a dynamic batch dimension, and checked with onnxruntime against the torch module
                                                  labels int64 (batch,)
 
 `export_onnx` writes the graph and returns the check: on the rows given (the test split), every
-label equal and max |p_onnx - p_torch| <= 1e-5, else ExportError. `quantize` adds a dynamically
-int8-quantized copy (weights int8, activations quantized per batch at run time) and reports its
-size and its accuracy change on the same rows.
+label equal and max |p_onnx - p_torch| <= 1e-5, else ExportError. The check needs no labels;
+given labels, it also scores the graph (a look at the test split, which the caller counts).
+`quantize` adds a dynamically int8-quantized copy (weights int8, activations quantized per batch
+at run time) and reports its size, how many of its labels differ from the float graph's, and,
+given labels, both graphs' accuracy; `label_change_error` is the gate on those differences.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -74,7 +76,8 @@ def export_onnx(
 
 def check(model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = None) -> GraphCheck:
     """Compare the graph at `path` with `model` on `x`, batch by batch (the test split of 224 px
-    photos is GBs as float); ExportError when they disagree."""
+    photos is GBs as float); ExportError when they disagree. Labels `y` only score the graph:
+    the parity check itself needs none."""
     sess = session(path)
     diff, differ, labels = 0.0, 0, []
     for xb in _batches(x):
@@ -88,7 +91,7 @@ def check(model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = No
             f"{path}: the ONNX graph disagrees with the torch model on {len(x)} rows: max "
             f"|p_onnx - p_torch| = {diff:.2e} (allowed {TOLERANCE:g}), {differ} label(s) differ"
         )
-    acc = float(np.mean(np.concatenate(labels) == y)) if y is not None else None
+    acc = _accuracy(np.concatenate(labels), y)
     return GraphCheck(path, path.stat().st_size, len(x), diff, True, acc)
 
 
@@ -120,25 +123,63 @@ def run_onnx(path: Path, x: Images, threads: int = 1, batch: int = EVAL_BATCH) -
     return np.concatenate([p for p, _ in out]), np.concatenate([lab for _, lab in out])
 
 
-def quantize(path: Path, out: Path, x: Images, y: np.ndarray) -> dict[str, Any]:
-    """A dynamically int8-quantized copy of the graph at `path`; its size and accuracy on
-    (x, y) beside the float graph's."""
+class Quantized(TypedDict):
+    """What `quantize` found on the rows given: the int8 graph beside the float graph."""
+
+    path: str  # the int8 graph
+    bytes: int  # its size
+    float_bytes: int  # the float graph's size
+    rows: int  # rows compared
+    changed: int  # rows whose int8 label differs from the float graph's
+    accuracy: float | None  # the int8 graph's, when labels were given
+    float_accuracy: float | None
+    accuracy_change: float | None  # int8 - float, as a fraction (0.01 = 1 point)
+
+
+def quantize(path: Path, out: Path, x: Images, y: np.ndarray | None = None) -> Quantized:
+    """A dynamically int8-quantized copy of the graph at `path`, written at `out`; its size and
+    labels on `x` beside the float graph's, and both accuracies when `y` is given."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = out.with_name(out.name + ".tmp.onnx")
     with _quiet():
         quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
     os.replace(tmp, out)
-    acc_float = float(np.mean(run_onnx(path, x)[1] == y))
-    acc_int8 = float(np.mean(run_onnx(out, x)[1] == y))
-    return {
-        "path": str(out),
-        "bytes": out.stat().st_size,
-        "float_bytes": path.stat().st_size,
-        "accuracy": acc_int8,
-        "float_accuracy": acc_float,
-        "accuracy_change": acc_int8 - acc_float,
-    }
+    float_labels, int8_labels = run_onnx(path, x)[1], run_onnx(out, x)[1]
+    acc_float, acc_int8 = _accuracy(float_labels, y), _accuracy(int8_labels, y)
+    return Quantized(
+        path=str(out),
+        bytes=out.stat().st_size,
+        float_bytes=path.stat().st_size,
+        rows=len(float_labels),
+        changed=int((int8_labels != float_labels).sum()),
+        accuracy=acc_int8,
+        float_accuracy=acc_float,
+        accuracy_change=None if acc_int8 is None or acc_float is None else acc_int8 - acc_float,
+    )
+
+
+def label_change_error(q: Quantized, limit: float) -> str | None:
+    """Why the int8 graph must not ship, or None: its labels differ from the float graph's on
+    more than `limit` (a share in [0, 1]) of the rows compared."""
+    share = q["changed"] / max(q["rows"], 1)
+    if share <= limit:
+        return None
+    scores = (
+        f"; test accuracy {q['accuracy']:.2%} (int8) against {q['float_accuracy']:.2%} (float)"
+        if q["accuracy"] is not None and q["float_accuracy"] is not None
+        else ""
+    )
+    return (
+        f"{q['path']}: the int8 graph's label differs from the float graph's on {q['changed']} "
+        f"of {q['rows']} test rows ({share:.2%}), more than --max-label-change {limit:g} "
+        f"({limit:.2%}) allows{scores}; ship the float graph, or raise --max-label-change to "
+        "accept the change"
+    )
+
+
+def _accuracy(labels: np.ndarray, y: np.ndarray | None) -> float | None:
+    return None if y is None else float(np.mean(labels == y))
 
 
 @contextlib.contextmanager

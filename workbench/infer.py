@@ -1,13 +1,16 @@
 """Member inference: the one step that turns fold models and images into class probabilities.
 
-A member is k fold models; its probabilities are their mean (cross-validation bagging), so
-nothing is retrained and weights fit on out-of-fold rows match how the member predicts. The
-ensemble stage gets arrays from here, (members, rows, classes), and the final model and the
-bench predict through the same functions.
+A member is k fold models; its probabilities are the mean of their float64 softmax outputs
+(cross-validation bagging), so nothing is retrained and weights fit on out-of-fold rows match how
+the member predicts. `member_proba` is that step on one batch, in torch ops: the final model's
+graph (workbench/final.py, and so predict, the MLflow model and ONNX) runs it. The ensemble stage
+gets arrays from `test_probas`, which runs each fold model over every row through the training
+loop's one predict path (workbench/train.py) and takes the same mean.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,12 +19,20 @@ import torch
 from torch import nn
 
 from workbench.data import Rows
+from workbench.results import Cost, TestProbas
 from workbench.train import load_model, predict_proba
 
+COST_BATCH = 256  # images per timed batch: the ladder's ms per image are at this batch size
 
-def fold_mean(models: Sequence[nn.Module], x: Rows | torch.Tensor) -> np.ndarray:
-    """(rows, classes): the mean of the fold models' class probabilities (rows sum to 1)."""
-    return np.mean([predict_proba(m, x) for m in models], axis=0)
+
+def member_proba(folds: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """(N, classes) float64: the mean of the fold models' softmax on one batch `x`."""
+    return torch.stack([torch.softmax(m(x).double(), dim=1) for m in folds]).mean(0)
+
+
+def fold_probas(models: Sequence[nn.Module], x: Rows | torch.Tensor) -> np.ndarray:
+    """(folds, rows, classes): each fold model's class probabilities (rows sum to 1)."""
+    return np.stack([predict_proba(m, x) for m in models])
 
 
 def member_probas(
@@ -29,6 +40,53 @@ def member_probas(
 ) -> np.ndarray:
     """(members, rows, classes) for members given as their fold checkpoints, loaded one at a
     time (a member's k models are in memory together, never every member's)."""
-    return np.stack(
-        [fold_mean([load_model(p, device) for p in checkpoints], x) for checkpoints in members]
+    return test_probas(members, x, None, device).members
+
+
+def test_probas(
+    members: Sequence[Sequence[Path]],
+    x: Rows | torch.Tensor,
+    best: int | None,
+    device: str | torch.device = "cpu",
+    refits: Sequence[Path] = (),
+) -> TestProbas:
+    """Every member's fold mean, member `best`'s fold models each alone (the ladder's one
+    network; (0, rows, classes) when `best` is None), and each refit network's probabilities."""
+    means, alone = [], None
+    for i, checkpoints in enumerate(members):
+        each = fold_probas([load_model(p, device) for p in checkpoints], x)
+        means.append(each.mean(axis=0))
+        if i == best:
+            alone = each
+    stacked = np.stack(means)
+    refit = fold_probas([load_model(p, device) for p in refits], x) if refits else None
+    return TestProbas(stacked, alone if alone is not None else stacked[:0], refit)
+
+
+test_probas.__test__ = False  # type: ignore[attr-defined]  # not a pytest function
+
+
+@torch.inference_mode()
+def member_cost(checkpoints: Sequence[Path], x: torch.Tensor, repeats: int = 2) -> Cost:
+    """What predicting with a member's k fold models costs on this machine, at the threads set
+    (the stage sets 1): one fold model timed on a batch of COST_BATCH images made from `x`
+    (float (N, C, H, W), repeated to fill the batch), the best of `repeats` after a small
+    warm-up batch (one timing when a batch takes over a second, as a large backbone on large
+    photos does), times k; parameters and the checkpoint files' bytes summed over the k."""
+    model = load_model(checkpoints[0], "cpu").eval()
+    batch = x[torch.arange(COST_BATCH) % len(x)].contiguous(memory_format=torch.channels_last)
+    model(batch[:8])  # oneDNN makes its kernels for a shape on first use
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(batch)
+        best = min(best, time.perf_counter() - t0)
+        if best > 1.0:
+            break
+    k = len(checkpoints)
+    return Cost(
+        networks=k,
+        ms_per_image=best * 1e3 / COST_BATCH * k,
+        parameters=sum(p.numel() for p in model.parameters()) * k,
+        bytes=sum(Path(p).stat().st_size for p in checkpoints),
     )

@@ -7,22 +7,35 @@ training photos did. The table has one row per image: its path, the predicted cl
 final module's label, hard-vote ties included), that class's probability and one probability
 column per class (workbench/serving.py's columns, as the MLflow model returns them); with labels
 from the folders, also the true class.
+
+Scoring labels on files that are rows of the study's held-out test split is a look at it:
+`held_out` opens the study's image store and split as `workbench study` left them (nothing is
+decoded), and `are_test_rows` finds the predicted files whose decoded pixels equal a test row's,
+by a digest of the uint8 pixels (`pixel_digest`), so renamed or copied files are found too.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from workbench.config import StudyConfig
+from workbench.data import ImageData, Split, load_or_make_split
+from workbench.data.imagestore import open_store
 from workbench.data.photos import BadImage
 from workbench.errors import DataError
 from workbench.final import FinalEnsemble
 from workbench.serving import decode_file, prediction_columns
+from workbench.store import RunStore
 from workbench.train import EVAL_BATCH
+
+# a decoded file's pixel value of full intensity; an image store's may differ (digits: 16)
+FULL = 255.0
 
 
 @dataclass
@@ -32,6 +45,7 @@ class Predictions:
     label_index: np.ndarray  # (images,) the model's labels (hard votes: its tie rule)
     classes: list[str]
     skipped: list[str] = field(default_factory=list)  # "path: reason"
+    digests: list[bytes] = field(default_factory=list)  # `pixel_digest` of each path's pixels
 
     @property
     def labels(self) -> list[str]:
@@ -74,6 +88,7 @@ def predict_files(
         raise DataError("no files to predict: the paths, folders and patterns given match nothing")
     kept: list[str] = []
     skipped: list[str] = []
+    digests: list[bytes] = []
     outs: list[tuple[np.ndarray, np.ndarray]] = []
     batch: list[np.ndarray] = []
 
@@ -93,6 +108,7 @@ def predict_files(
             skipped.append(f"{f}: {e}")
             continue
         kept.append(str(f))
+        digests.append(pixel_digest(batch[-1]))
         if len(batch) == EVAL_BATCH:
             flush()
     flush()
@@ -100,7 +116,53 @@ def predict_files(
         raise DataError(f"none of the {len(files)} file(s) is an image: {skipped[0]}")
     proba = np.concatenate([p for p, _ in outs])
     labels = np.concatenate([lab for _, lab in outs])
-    return Predictions(kept, proba, labels, list(model.classes), skipped)
+    return Predictions(kept, proba, labels, list(model.classes), skipped, digests)
+
+
+def pixel_digest(rgb: np.ndarray) -> bytes:
+    """16 bytes of BLAKE2b over uint8 (H, W, 3) pixels and their shape: equal for a decoded file
+    and an image store row (`store_rgb`) exactly when their pixels are equal."""
+    h = hashlib.blake2b(str(rgb.shape).encode(), digest_size=16)
+    h.update(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes())
+    return h.digest()
+
+
+def store_rgb(pixels: np.ndarray, scale: float) -> np.ndarray:
+    """Image store rows, uint8 (N, C, H, W) of full intensity `scale`, as a lossless file of
+    them decodes: uint8 (N, H, W, 3) of full intensity 255 (rounded: digits' 8 of 16 is 128),
+    one channel repeated thrice as the decoder repeats a grey file's."""
+    if scale != FULL:
+        pixels = np.rint(pixels.astype(np.float64) * (FULL / scale)).astype(np.uint8)
+    rgb = pixels.transpose(0, 2, 3, 1)
+    return np.repeat(rgb, 3, axis=3) if rgb.shape[3] == 1 else rgb
+
+
+def held_out(cfg: StudyConfig) -> tuple[ImageData, Split] | None:
+    """The study's image store and held-out split where `workbench study` left both, opened as
+    they are (the source is neither read nor decoded); None where either is missing."""
+    store = RunStore(cfg.out)
+    split_file = store.file("split.npz")
+    if not split_file.exists():
+        return None
+    for meta in sorted(store.images.glob("*.json")):  # one store, unless the source changed
+        data = open_store(store.images, meta.stem)
+        if data is None:
+            continue
+        try:  # the split made from this store's data; never a new split: the file exists
+            return data, load_or_make_split(data, cfg.data, cfg.seed, split_file)
+        except DataError:  # a store of other data than the split's
+            continue
+    return None
+
+
+def are_test_rows(digests: list[bytes], data: ImageData, split: Split) -> np.ndarray:
+    """Which of the predicted files (by their `pixel_digest`s) are rows of the test split: bool
+    (files,). The test rows are read from the store EVAL_BATCH at a time."""
+    held: set[bytes] = set()
+    for i in range(0, len(split.test_idx), EVAL_BATCH):
+        rows = data.pixels[split.test_idx[i : i + EVAL_BATCH]].numpy()
+        held.update(pixel_digest(r) for r in store_rgb(rows, data.scale))
+    return np.array([d in held for d in digests], dtype=bool)
 
 
 def folder_labels(paths: list[str], classes: list[str]) -> list[str]:

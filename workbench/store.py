@@ -15,6 +15,8 @@ Layout under the study's output folder (`<output_dir>/<name>/`):
         snap-<m>/fold-<k>.pt      with cosine_restarts cycles > 1: weights at the end of cycle m,
         snap-<m>/oof.npz          and their own out-of-fold probabilities
     snapshots/<model>/<nnnn>/     the snapshot run of trial nnnn's configuration, the same layout
+    refits/<model>/<nnnn>/        trial nnnn's configuration trained once on every training row:
+        model.pt, history.json
     ensemble/                     results.json, test_evaluations.json, mlflow.json, final/,
                                   candidates.json, model.onnx
     logs/worker-<i>.log, timings.json, study.resolved.json, optuna.db (the default storage)
@@ -46,6 +48,7 @@ import numpy as np
 
 from workbench.errors import CheckpointError
 from workbench.files import atomic_write, file_digest, load_npz, save_npz
+from workbench.results import EnsembleResult, ResultsFormatError, TestLook
 
 Manifest = dict[str, Any]  # {"uri": folder URI, "files": {relative path: {"sha256", "bytes"}}}
 
@@ -89,9 +92,11 @@ class RunStore:
     def trial(self, model: str, number: int) -> Path:
         return self.root / "trials" / model / f"{number:04d}"
 
-    def snapshots(self, model: str, of_trial: int) -> Path:
-        """The snapshot run of trial `of_trial`'s configuration."""
-        return self.root / "snapshots" / model / f"{of_trial:04d}"
+    def followup(self, model: str, kind: str, of_trial: int) -> Path:
+        """A follow-up run of trial `of_trial`'s configuration (search/followups.py): its
+        snapshot run (kind "snapshots") or its refit on every training row ("refit")."""
+        folder = {"snapshots": "snapshots", "refit": "refits"}[kind]
+        return self.root / folder / model / f"{of_trial:04d}"
 
     @property
     def ensemble(self) -> Path:
@@ -100,6 +105,52 @@ class RunStore:
     @property
     def final(self) -> Path:
         return self.ensemble / "final"
+
+    @property
+    def results(self) -> Path:
+        """The ensemble stage's one look at the test split (workbench/results.py)."""
+        return self.ensemble / "results.json"
+
+    def ensemble_result(self) -> EnsembleResult | None:
+        """The stored result; None when there is none or it is of another workbench's layout
+        (the ensemble stage then evaluates anew)."""
+        if not self.results.exists():
+            return None
+        try:
+            return EnsembleResult.loads(self.results.read_bytes())
+        except ResultsFormatError:
+            return None
+
+    @property
+    def test_log(self) -> Path:
+        """Every look at the test split, by any command: a JSON list of `TestLook`s."""
+        return self.ensemble / "test_evaluations.json"
+
+    def count_test_look(self, look: TestLook) -> int:
+        """Append `look` to the study's log of looks at the test split; how many there have been.
+        Every command that scores the held-out rows calls this, and only this."""
+        log = self.test_log
+        entries = json.loads(log.read_text()) if log.exists() else []
+        entries.append(look.to_json())
+        atomic_write(log, lambda f: f.write(json.dumps(entries, indent=1).encode()))
+        return len(entries)
+
+    def test_looks(self) -> list[TestLook]:
+        """The looks counted so far (entries of an older layout count, as bare looks)."""
+        if not self.test_log.exists():
+            return []
+        return [
+            TestLook.from_json(e)
+            if "command" in e
+            else TestLook(
+                time=e.get("time", ""),
+                command="ensemble",
+                what="every member and method",
+                rows=0,
+                fingerprint=e.get("fingerprint", ""),
+            )
+            for e in json.loads(self.test_log.read_text())
+        ]
 
     @property
     def mlflow_link(self) -> Path:
@@ -133,6 +184,24 @@ class RunStore:
         """A folder as the trial records it: relative to the study's folder (portable)."""
         return folder.relative_to(self.root).as_posix()
 
+    # --- the final model's folder (workbench/export.py writes it, workbench/final.py loads it) --
+
+    FINAL_ARTIFACT = "final"  # the folder's name inside a logged MLflow model's artifacts/
+
+    @staticmethod
+    def final_meta(folder: Path) -> Path:
+        """classes, input shape, members, the rule, the preprocessing (JSON)."""
+        return folder / "ensemble.json"
+
+    @staticmethod
+    def final_checkpoint(folder: Path, member: int, fold: int) -> Path:
+        """Member `member`'s fold model `fold` (a state dict with what rebuilds it)."""
+        return folder / "members" / str(member) / f"fold-{fold}.pt"
+
+    @staticmethod
+    def is_final(folder: Path) -> bool:
+        return RunStore.final_meta(folder).is_file()
+
     # --- inside a run folder ------------------------------------------------------------------
 
     @staticmethod
@@ -147,6 +216,11 @@ class RunStore:
     def snapshot_dirs(run: Path) -> list[Path]:
         """snap-0, snap-1, ... in cycle order."""
         return sorted(run.glob("snap-*"), key=lambda p: int(p.name.split("-")[1]))
+
+    @staticmethod
+    def refit_checkpoint(run: Path) -> Path:
+        """A refit's one model, trained on every training row."""
+        return run / "model.pt"
 
     @staticmethod
     def oof(run: Path) -> Path:

@@ -48,7 +48,8 @@ def ensemble_plan(cfg: StudyConfig) -> str:
     if not e.enabled:
         return "ensemble: off (ensemble.enabled = false)"
     snaps = f" + a {e.snapshots}-cycle snapshot run of each best" if e.snapshots > 1 else ""
-    return f"ensemble: the best {e.top_k} trials per model{snaps}; {', '.join(e.methods)}"
+    refit = " + each best retrained on all training rows (refit)" if e.refit else ""
+    return f"ensemble: the best {e.top_k} trials per model{snaps}{refit}; {', '.join(e.methods)}"
 
 
 def searched(spec: ModelSpec) -> str:

@@ -10,19 +10,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
 
 from workbench import export, graph, infer, search
 from workbench.config import StudyConfig, resolved
-from workbench.console import console, ensemble_table
+from workbench.console import console, ladder_notes, ladder_table, print_wide
 from workbench.data import ImageData, Split
 from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
 from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
+from workbench.results import Cost
 from workbench.runtime import configure_threads, release_file_pages
 from workbench.store import RunStore
 from workbench.tracking import CHAMPION, Tracker
+
+if TYPE_CHECKING:
+    import torch
+
+    from workbench.ensemble.members import Member, Refit
 
 REPORTS = Path("reports")  # reports/<study>.html, beside the study files
 
@@ -66,11 +74,10 @@ def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracke
                 curves,
             )
         )
-    results_path = store.ensemble / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    results = store.ensemble_result()
     images = None
-    if results and results["misclassified"]:
-        rows_shown = split.test_idx[[m["row"] for m in results["misclassified"]]]
+    if results and results.misclassified:
+        rows_shown = split.test_idx[[m.row for m in results.misclassified]]
         images = ds.images(rows_shown).permute(0, 2, 3, 1).numpy()
         images = images[..., 0] if images.shape[-1] == 1 else images
     timings = store.file("timings.json")
@@ -91,6 +98,7 @@ def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracke
         tracking=tracking_links(cfg, tracker),
         models=sections,
         ensemble=results,
+        test_looks=store.test_looks(),
         misclassified_images=images,
         created=datetime.now().isoformat(timespec="seconds"),
         skipped_files=list(ds.skipped),
@@ -132,76 +140,44 @@ def ensemble_stage(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Track
 def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -> None:
     # imported here: the combiners import scikit-learn and SciPy, ~100 MB that the workers forked
     # before this stage would otherwise each hold (tests/test_fork_parent.py)
-    from workbench.ensemble.members import MemberSpec, load_members, snapshot_specs
     from workbench.ensemble.stage import HeldOut, run_ensemble
 
     configure_threads(1)
     release_file_pages()  # what loading the libraries touched (~250 MB): not this stage's pages
-    storage, store = search.open_storage(cfg), RunStore(cfg.out, tracker.remote())
-    specs: list[MemberSpec] = []
-    unopened: list[str] = []
-    for model in cfg.models:
-        records = search.completed_trials(cfg, model, storage)[: cfg.ensemble.top_k]
-        for r in records:
-            name = f"{model}/trial-{r.number}"
-            try:  # each file checked against the manifest the trial recorded
-                folder = store.open_run(r.attrs.get("files"), r.dir, name)
-            except CheckpointError as e:
-                unopened.append(f"skipped member {name}: {e}")
-                continue
-            spec = MemberSpec(name, model, r.number, "trial", r.value, folder)
-            specs += [spec, *snapshot_specs(spec, folder, cfg.cv.metric)]  # searched snapshots
-        if records and cfg.ensemble.snapshots > 1:  # the best configuration's snapshot run
-            best = records[0]
-            name = f"{model}/snapshots-of-{best.number}"
-            run = search.completed_snapshot(cfg, model, storage, best.number)
-            if run is None:
-                unopened.append(
-                    f"no snapshot run of {model}/trial-{best.number} ({cfg.ensemble.snapshots} "
-                    f"cycles) yet: `workbench worker` on the study file runs it; ensembling "
-                    f"without it"
-                )
-                continue
-            try:
-                folder = store.open_run(
-                    run.user_attrs["files"], cfg.out / run.user_attrs["dir"], name
-                )
-            except CheckpointError as e:
-                unopened.append(f"skipped member {name}: {e}")
-                continue
-            owner = MemberSpec(name, model, best.number, "snapshot", best.value, folder)
-            specs += snapshot_specs(owner, folder, cfg.cv.metric)
-    members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
-    for line in unopened + skipped:
-        console.print(f"[yellow]warning:[/] {line}")
-    # every candidate's fold checkpoints, so that `predict --member` can run any one alone
-    candidates = {m.name: [store.relative(p) for p in m.checkpoints] for m in members}
-    atomic_write(store.candidates, lambda f: f.write(json.dumps(candidates, indent=1).encode()))
+    store = RunStore(cfg.out, tracker.remote())
+    members, refits = _candidates(cfg, store, split)
     test = HeldOut(ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint)
     x_test = ds.rows(split.test_idx)
-    out = store.ensemble
+    checkpoints = [m.checkpoints for m in members]
+    refit_ckpts = [r.checkpoint for r in refits]
     results = run_ensemble(
         members,
         ds.y[split.train_idx].numpy(),
         test,
         cfg.ensemble,
-        out,
+        store,
         cfg.seed,
-        lambda: infer.member_probas([m.checkpoints for m in members], x_test),
+        lambda best: infer.test_probas(checkpoints, x_test, best, refits=refit_ckpts),
         cfg.cv.metric,
         cfg.cv.folds,
+        lambda: _costs(members, refits, ds.images(split.test_idx[: infer.COST_BATCH])),
+        refits,
     )
-    if results["reused"] and store.final.exists():
+    if results.reused and store.final.exists():
         console.print(
             f"ensemble inputs unchanged: reusing the stored test evaluation "
-            f"({out / 'results.json'}; test evaluations so far: "
-            f"{results['test_evaluations']})"
+            f"({store.results}; test evaluations so far: {results.test_evaluations})"
         )
     else:
-        rule = results["final"]["rule"]
         kept = [(m.name, m.checkpoints) for m in members]
         export.save_final(
-            store.final, kept, rule, results["chosen"], test.classes, ds.in_shape, ds.preprocess
+            store.final,
+            kept,
+            results.final.rule.to_json(),
+            results.final.method,
+            test.classes,
+            ds.in_shape,
+            ds.preprocess,
         )
         final = FinalEnsemble.load(store.final)  # once: the ONNX check and the package use it
         onnx = _export_onnx(final, store, ds, split)
@@ -214,7 +190,42 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
             link = {"run_id": run_id, "model_uri": f"runs:/{run_id}/model", "uri": tracker.uri}
             atomic_write(store.mlflow_link, lambda f: f.write(json.dumps(link).encode()))
             console.print(f"final model: {link['model_uri']} (MLflow store {tracker.uri})")
-    console.print(ensemble_table(results))
+    print_wide(ladder_table(results))
+    for line in ladder_notes(results):
+        console.print(escape(line), highlight=False)
+
+
+def _costs(members: list[Member], refits: list[Refit], images: torch.Tensor) -> dict[str, Cost]:
+    """Each member's and refit's inference cost, measured now on 1 thread (the stage's)."""
+    costs = {m.name: infer.member_cost(m.checkpoints, images) for m in members}
+    return costs | {r.name: infer.member_cost([r.checkpoint], images) for r in refits}
+
+
+def _candidates(
+    cfg: StudyConfig, store: RunStore, split: Split
+) -> tuple[list[Member], list[Refit]]:
+    """What the search completed, as the ensemble stage's members and refits (each run's files
+    checked), with a warning line for each one missing; every candidate's checkpoints are
+    listed in candidates.json, so that `predict --member` can run any one alone."""
+    from workbench.ensemble.members import Found, discover, load_members
+
+    storage, found = search.open_storage(cfg), []
+    for model in cfg.models:
+        trials = search.completed_trials(cfg, model, storage)[: cfg.ensemble.top_k]
+        runs = {
+            kind: search.followup_record(cfg, model, storage, trials[0], kind) if trials else None
+            for kind in search.followup_kinds(cfg)
+        }
+        found.append(Found(model, trials, runs.get("snapshots"), runs.get("refit")))
+    e = cfg.ensemble
+    specs, refits, unopened = discover(found, store, cfg.cv.metric, e.snapshots, e.refit)
+    members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
+    for line in unopened + skipped:
+        console.print(f"[yellow]warning:[/] {line}")
+    listed = {m.name: [store.relative(p) for p in m.checkpoints] for m in members}
+    listed |= {r.name: [store.relative(r.checkpoint)] for r in refits}
+    atomic_write(store.candidates, lambda f: f.write(json.dumps(listed, indent=1).encode()))
+    return members, refits
 
 
 def _export_onnx(final: FinalEnsemble, store: RunStore, ds: ImageData, split: Split) -> Path:

@@ -1,30 +1,42 @@
 """The commands that use a study's final model: `predict` and `export`.
 
 workbench predict FILE IMAGES... [--out table.csv] [--model M] [--member NAME]   new images
-workbench export FILE --onnx PATH [--quantize]                                  one ONNX graph
+workbench export FILE --onnx PATH [--quantize [--max-label-change 0.01]]         one ONNX graph
 
 M is the final model folder (default: the study's own), an MLflow model URI (`runs:/<id>/model`)
 or a registered model's alias or version (`models:/<name>@champion`, `models:/<name>/3`).
+
+Every score these commands compute on rows of the held-out test split is a look at it, counted
+in the study's one log (`RunStore.count_test_look`) and said with the count so far: export's
+check of the graph, both graphs' scores under --quantize, and predict's accuracy where the
+labelled files include test rows (found by their pixels: workbench/predict.py).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import numpy as np
 import typer
 from rich.markup import escape
 
 from workbench.cli.commands import DataOpt, StudyFile, _fail, app, prepare
 from workbench.config import StudyConfig, load_study
 from workbench.console import console, labels_table
-from workbench.errors import ConfigError, WorkbenchError
+from workbench.errors import ConfigError, ExportError, WorkbenchError
 from workbench.final import FinalEnsemble
+from workbench.results import TestLook
 from workbench.runtime import configure_threads
 from workbench.store import RunStore
 from workbench.tracking import MODEL_SCHEMES, download_model
+
+if TYPE_CHECKING:
+    from workbench.data import Rows
+    from workbench.predict import Predictions
 
 ModelOpt = Annotated[
     str | None,
@@ -37,6 +49,14 @@ ModelOpt = Annotated[
 MemberOpt = Annotated[
     str | None,
     typer.Option("--member", help="one member (any candidate of the ensemble) alone: cnn/trial-3"),
+]
+MaxChangeOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-label-change",
+        help="--quantize fails (and removes the int8 graph) when its labels differ from the "
+        "float graph's on more than this share of the test rows",
+    ),
 ]
 
 
@@ -66,6 +86,25 @@ def final_model(
     return final.member(member, candidates)
 
 
+def scored(model: str | None, member: str | None) -> str:
+    """What a command scores, as its look at the test split names it."""
+    if member:
+        return f"member {member}"
+    return f"the model {model}" if model else "the final model"
+
+
+def count_look(cfg: StudyConfig, command: str, what: str, rows: int, accuracy: float | None) -> int:
+    """Count one look at the test split in the study's log; how many there have been."""
+    look = TestLook(
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        command=command,
+        what=what,
+        rows=rows,
+        accuracy=accuracy,
+    )
+    return RunStore(cfg.out).count_test_look(look)
+
+
 @app.command()
 def predict(
     file: StudyFile,
@@ -87,7 +126,8 @@ def predict(
 
     configure_threads(1)
     try:
-        final = final_model(load_study(file), file, model, member)
+        cfg = load_study(file)
+        final = final_model(cfg, file, model, member)
         files = predicting.image_files(images)
         with Progress(transient=True, console=console) as bar:
             task = bar.add_task(f"predicting {len(files)} files", total=len(files))
@@ -101,8 +141,31 @@ def predict(
         console.print(f"{len(result.paths)} image(s) predicted: {out}")
         if truth is not None:
             console.print(labels_table(truth, result.labels, result.classes))
+            _predict_look(cfg, result, truth, scored(model, member))
     except WorkbenchError as e:
         raise _fail(e) from None
+
+
+def _predict_look(cfg: StudyConfig, result: Predictions, truth: list[str], what: str) -> None:
+    """Count a look when the scored files include rows of the study's test split (by their
+    pixels), with the accuracy on those rows; nothing where the study has no store or split."""
+    from workbench import predict as predicting
+
+    found = predicting.held_out(cfg)
+    if found is None:
+        return
+    held = predicting.are_test_rows(result.digests, *found)
+    rows = int(held.sum())
+    if not rows:
+        return
+    right = np.array(result.labels)[held] == np.array(truth)[held]
+    accuracy = float(right.mean())
+    n = count_look(cfg, "predict", what, rows, accuracy)
+    console.print(
+        f"{rows} of the {len(held)} labelled images are rows of the study's held-out test "
+        f"split: accuracy {accuracy:.2%} on them; test evaluations so far: {n}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -112,6 +175,7 @@ def export(
     quantize: Annotated[
         bool, typer.Option(help="also write a dynamically int8-quantized graph (<name>.int8.onnx)")
     ] = False,
+    max_label_change: MaxChangeOpt = 0.01,
     data: DataOpt = None,
     model: ModelOpt = None,
     member: MemberOpt = None,
@@ -121,23 +185,53 @@ def export(
 
     configure_threads(1)
     try:
+        if not 0.0 <= max_label_change <= 1.0:  # also refuses NaN
+            raise ConfigError(
+                f"--max-label-change must lie in [0, 1] (a share of the test rows: 0.01 is 1 %), "
+                f"got {max_label_change:g}"
+            )
         cfg, ds, split = prepare(file, data, None, "ensemble")  # the ensemble stage's checks
         final = final_model(cfg, file, model, member)
         x, y = ds.rows(split.test_idx), ds.y[split.test_idx].numpy()
         checked = graph.export_onnx(final, onnx, x, y)
+        what = scored(model, member)
+        n = count_look(cfg, "export", what, checked.rows, checked.accuracy)
         console.print(
             f"{onnx}: {checked.bytes / 1e6:.2f} MB; on the {checked.rows} test rows every label "
             f"equals the torch model's, max |p_onnx - p_torch| = {checked.max_abs_diff:.1e}, "
-            f"accuracy {checked.accuracy:.2%}",
+            f"accuracy {checked.accuracy:.2%}; test evaluations so far: {n}",
             highlight=False,
         )
         if quantize:
-            q = graph.quantize(onnx, onnx.with_suffix(".int8.onnx"), x, y)
-            console.print(
-                f"{q['path']}: {q['bytes'] / 1e6:.2f} MB ({q['bytes'] / q['float_bytes']:.0%} of "
-                f"the float graph); test accuracy {q['accuracy']:.2%} "
-                f"({q['accuracy_change'] * 100:+.2f} points)",
-                highlight=False,
-            )
+            _quantize(cfg, onnx, x, y, what, max_label_change)
     except WorkbenchError as e:
         raise _fail(e) from None
+
+
+def _quantize(
+    cfg: StudyConfig, onnx: Path, x: Rows, y: np.ndarray, what: str, limit: float
+) -> None:
+    """The int8 graph beside `onnx`, scored on the test split (one more look); an
+    ExportError, with the int8 file removed, when more than `limit` of the labels changed."""
+    from workbench import graph
+
+    int8 = onnx.with_suffix(".int8.onnx")
+    q = graph.quantize(onnx, int8, x, y)
+    float_acc, int8_acc = q["float_accuracy"], q["accuracy"]
+    assert float_acc is not None and int8_acc is not None, "scored with the test labels"
+    of = "" if what == "the final model" else f" of {what}"
+    # the float graph's accuracy is the one export just printed and counted: one look, not two
+    n = count_look(cfg, "export --quantize", f"the int8 graph{of}", q["rows"], int8_acc)
+    problem = graph.label_change_error(q, limit)
+    if problem:
+        int8.unlink(missing_ok=True)  # so that no one ships it by mistake; the float graph stays
+        raise ExportError(
+            f"{problem}. {int8} was removed, {onnx} is kept; test evaluations so far: {n}"
+        )
+    console.print(
+        f"{int8}: {q['bytes'] / 1e6:.2f} MB ({q['bytes'] / q['float_bytes']:.0%} of the float "
+        f"graph); labels differ from the float graph's on {q['changed']} of {q['rows']} test "
+        f"rows; test accuracy {int8_acc:.2%} ({(int8_acc - float_acc) * 100:+.2f} points); "
+        f"test evaluations so far: {n}",
+        highlight=False,
+    )

@@ -25,7 +25,7 @@ def run_workers(cfg: StudyConfig, procs: Sequence[Worker], storage: search.RDBSt
     """Start the workers and show progress until they end; True if Ctrl-C stopped them."""
     n = len(procs)
     rows = search.progress(cfg, storage)
-    if all(r.complete + r.pruned >= r.target for r in rows) and not search.pending_snapshots(
+    if all(r.complete + r.pruned >= r.target for r in rows) and not search.pending_followups(
         cfg, storage
     ):
         console.print(

@@ -44,7 +44,7 @@ def load_data(cfg: DataConfig, path: str | None = None, folder: Path | None = No
         with tempfile.TemporaryDirectory() as tmp:
             data = _build(source, key, Path(tmp))
             return _in_memory(data)
-    found = _open(folder, key)
+    found = open_store(folder, key)
     return found if found is not None else _build(source, key, folder)
 
 
@@ -66,7 +66,7 @@ def source_key(source: Source) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
-def _open(folder: Path, key: str) -> ImageData | None:
+def open_store(folder: Path, key: str) -> ImageData | None:
     """The complete store `key` in `folder`, mapped copy-on-write; None if absent or damaged."""
     meta_path, npy = folder / f"{key}.json", folder / f"{key}.npy"
     try:
@@ -123,7 +123,7 @@ def _build(source: Source, key: str, folder: Path) -> ImageData:
         if old.stem != key:
             old.unlink(missing_ok=True)
             old.with_suffix(".npy").unlink(missing_ok=True)
-    opened = _open(folder, key)
+    opened = open_store(folder, key)
     assert opened is not None, f"the image store {folder / key} was just written"
     return opened
 

@@ -10,8 +10,10 @@ stage. No torch here: a member is arrays and the paths of its checkpoints.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -87,3 +89,93 @@ def snapshot_specs(owner: MemberSpec, folder: Path, metric: str) -> list[MemberS
         name = f"{owner.name}/snapshot-{p.name.split('-')[1]}"
         specs.append(MemberSpec(name, owner.model, owner.trial, "snapshot", score, p))
     return specs
+
+
+class RunRecord(Protocol):
+    """A completed run as the search recorded it (search.TrialRecord)."""
+
+    @property
+    def number(self) -> int: ...  # the Optuna trial number (of the configuration)
+    @property
+    def value(self) -> float: ...  # its CV score in the study metric
+    @property
+    def attrs(self) -> dict[str, Any]: ...  # user attrs: "files", the run's manifest
+    @property
+    def dir(self) -> Path: ...  # where this host's store keeps it
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the search completed for one model section: its best trials, best first (at most
+    `[ensemble] top_k`), and the follow-up runs of the best one's configuration, if any."""
+
+    model: str
+    trials: Sequence[RunRecord]
+    snapshot_run: RunRecord | None = None
+    refit_run: RunRecord | None = None
+
+
+@dataclass(frozen=True)
+class Refit:
+    """A configuration retrained once on every training row: no OOF rows, so no candidate
+    member; the ladder scores it beside the fold models it is compared with."""
+
+    name: str  # "cnn/refit-of-6"
+    model: str
+    trial: int  # the trial whose configuration it retrains
+    checkpoint: Path
+
+
+def discover(
+    found: Sequence[Found], store: RunStore, metric: str, snapshots: int, refit: bool = False
+) -> tuple[list[MemberSpec], list[Refit], list[str]]:
+    """Every candidate member's spec and every refit, each run's files checked against its
+    manifest (fetched from the remote where they are not on this host), and a warning line for
+    each run that could not be opened or is still missing. `snapshots`, `refit`: the study's
+    `[ensemble]` keys."""
+    specs: list[MemberSpec] = []
+    refits: list[Refit] = []
+    warnings: list[str] = []
+    for f in found:
+        if f.trials and refit:
+            best = f.trials[0]
+            name = f"{f.model}/refit-of-{best.number}"
+            what = f"refit of {f.model}/trial-{best.number}"
+            folder = _followup(f.refit_run, name, what, store, warnings)
+            if folder is not None:
+                ckpt = RunStore.refit_checkpoint(folder)
+                refits.append(Refit(name, f.model, best.number, ckpt))
+        for r in f.trials:
+            name = f"{f.model}/trial-{r.number}"
+            try:  # each file checked against the manifest the trial recorded
+                folder = store.open_run(r.attrs.get("files"), r.dir, name)
+            except CheckpointError as e:
+                warnings.append(f"skipped member {name}: {e}")
+                continue
+            spec = MemberSpec(name, f.model, r.number, "trial", r.value, folder)
+            specs += [spec, *snapshot_specs(spec, folder, metric)]  # searched snapshots
+        if f.trials and snapshots > 1:  # the best configuration's snapshot run
+            best = f.trials[0]
+            name = f"{f.model}/snapshots-of-{best.number}"
+            what = f"snapshot run of {f.model}/trial-{best.number} ({snapshots} cycles)"
+            folder = _followup(f.snapshot_run, name, what, store, warnings)
+            if folder is not None:
+                owner = MemberSpec(name, f.model, best.number, "snapshot", best.value, folder)
+                specs += snapshot_specs(owner, folder, metric)
+    return specs, refits, warnings
+
+
+def _followup(
+    run: RunRecord | None, name: str, what: str, store: RunStore, warnings: list[str]
+) -> Path | None:
+    """The folder of a follow-up run, checked; None (and a warning) when it is missing."""
+    if run is None:
+        warnings.append(
+            f"no {what} yet: `workbench worker` on the study file runs it; ensembling without it"
+        )
+        return None
+    try:
+        return store.open_run(run.attrs["files"], run.dir, name)
+    except CheckpointError as e:
+        warnings.append(f"skipped {name}: {e}")
+        return None

@@ -1,27 +1,26 @@
-"""The ensembling stage: fit combiners on out-of-fold rows, choose one, score the test split once.
+"""The ensembling stage: fit combiners on out-of-fold rows, choose what ships, score the test split
+once, and lay out the ladder of what each step buys.
 
 1. Members' OOF probabilities, shape (members, training rows, classes), are the only thing any
    combiner is fit on. Each method is also cross-validated over the OOF rows, in the study's
    `cv.folds` stratified folds (fewer when a class has fewer rows, so every fold holds every
-   class): that estimate, not the test set, chooses the final method.
-2. The held-out test split is looked at here, once: every member, every method and the best
-   single member (best CV score) are scored together, on the members' test probabilities that
-   the caller's `predict` gives (member inference is workbench/infer.py; this module works on
-   arrays and imports no torch). The result is stored with a fingerprint of its inputs;
-   rerunning on unchanged inputs reuses it without calling `predict`, and every test evaluation
-   is counted.
-3. The final rule (results["final"]["rule"]: vote, weights, temperature) is what the export stage
-   packages (workbench/export.py).
+   class): that estimate, not the test set, chooses.
+2. The best combiner ships only when it beats the best member alone by more than the noise of
+   that estimate (ensemble/choice.py); otherwise the final model is the best member.
+3. The held-out test split is looked at here, once: every member, every method, the best
+   configuration's fold models each alone, and the final rule are scored together on the
+   probabilities the caller's `predict` gives (member inference is workbench/infer.py; this
+   module works on arrays and imports no torch). The result (workbench/results.py) is stored with
+   a fingerprint of its inputs; rerunning on unchanged inputs reuses it without calling
+   `predict`, and every look is counted in the study's one log (RunStore.count_test_look).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,11 +29,29 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from workbench import evaluate
 from workbench.config import EnsembleConfig
-from workbench.ensemble.combiners import TemperatureScaling, make_combiner
-from workbench.ensemble.members import Member
+from workbench.ensemble.choice import choose, shipped_rule
+from workbench.ensemble.combiners import HardVoting, TemperatureScaling, make_combiner
+from workbench.ensemble.ladder import Scored, ladder, scores
+from workbench.ensemble.members import Member, Refit
 from workbench.ensemble.rule import combiner_state
 from workbench.errors import WorkbenchError
 from workbench.files import atomic_write
+from workbench.results import (
+    FORMAT,
+    Cost,
+    Disagreement,
+    EnsembleResult,
+    FinalResult,
+    MemberResult,
+    MethodResult,
+    Misclassified,
+    OofScores,
+    Reliability,
+    Rule,
+    TestLook,
+    TestProbas,
+)
+from workbench.store import RunStore
 
 MISCLASSIFIED_SHOWN = 64  # the report's grid of misclassified test images
 
@@ -47,6 +64,11 @@ class HeldOut:
 
 
 def _combiner(name: str, cfg: EnsembleConfig, seed: int) -> Any:
+    """A combiner as the stage fits it. Hard voting's vote shares are not probabilities (a class
+    no member votes for gets 0: 34.5 nats when it is the true one), so its probabilities are the
+    shares calibrated by a temperature fit on the same rows; its labels stay the vote's."""
+    if name == "hard_voting":
+        return TemperatureScaling(HardVoting())
     kwargs: dict[str, Any] = {}
     if name == "selection":
         kwargs = {
@@ -58,14 +80,15 @@ def _combiner(name: str, cfg: EnsembleConfig, seed: int) -> Any:
     return make_combiner(name, **kwargs)
 
 
-def cross_validated(
+def cross_validated_proba(
     combiner: Any, P: np.ndarray, y: np.ndarray, seed: int, folds: int = 5
-) -> dict[str, float]:
-    """The combiner's OOF-row estimate: fit on k-1 folds of the rows, predict the k-th, k times."""
+) -> np.ndarray:
+    """The combiner's OOF-row predictions (rows, classes): fit on k-1 folds of the rows, predict
+    the k-th, k times."""
     out = np.zeros(P.shape[1:])
     for fit_rows, held in _folds(y, folds, seed):
         out[held] = clone(combiner).fit(P[:, fit_rows], y[fit_rows]).predict_proba(P[:, held])
-    return evaluate.scores(out, y)
+    return out
 
 
 def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -77,12 +100,31 @@ def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.nd
     return list(splitter(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
-def fingerprint(members: list[Member], cfg: EnsembleConfig, test: HeldOut) -> str:
-    h = hashlib.sha256(cfg.model_dump_json().encode() + test.split_fingerprint.encode())
+def fingerprint(
+    members: list[Member], cfg: EnsembleConfig, test: HeldOut, refits: Sequence[Refit] = ()
+) -> str:
+    h = hashlib.sha256(f"format {FORMAT}".encode() + cfg.model_dump_json().encode())
+    h.update(test.split_fingerprint.encode())
+    h.update(" ".join(r.name for r in refits).encode())
     for m in members:
         h.update(m.name.encode())
         h.update(np.ascontiguousarray(m.oof).tobytes())
     return h.hexdigest()[:16]
+
+
+def stored(store: RunStore, key: str) -> EnsembleResult | None:
+    """The stored result of these inputs, if any (another layout: None, evaluated anew)."""
+    previous = store.ensemble_result()
+    if previous is None or previous.fingerprint != key:
+        return None
+    looks = len(store.test_looks())
+    return previous.model_copy(update={"reused": True, "test_evaluations": looks})
+
+
+def best_member(members: list[Member], metric: str) -> int:
+    """The best member by CV score in the study metric: its k-fold bag is 'the best single'."""
+    better = max if metric == "accuracy" else min
+    return members.index(better(members, key=lambda m: m.spec.cv_score))
 
 
 def run_ensemble(
@@ -90,139 +132,121 @@ def run_ensemble(
     y_train: np.ndarray,
     test: HeldOut,
     cfg: EnsembleConfig,
-    out: Path,
+    store: RunStore,
     seed: int,
-    predict: Callable[[], np.ndarray],
+    predict: Callable[[int], TestProbas],
     metric: str = "accuracy",
     folds: int = 5,
-) -> dict[str, Any]:
-    """Fit, choose, evaluate once; returns (and stores) the results. `predict()` gives the
-    members' test probabilities (members, test rows, classes); it is called only when the
-    stored evaluation cannot be reused. `folds`: the study's cv.folds, for choosing a method."""
+    costs: Callable[[], dict[str, Cost]] | None = None,
+    refits: Sequence[Refit] = (),
+) -> EnsembleResult:
+    """Fit, choose, evaluate once; returns (and stores) the result. `predict(best)` gives the
+    test probabilities, member `best`'s fold models each alone and the `refits`' networks; it
+    is called only when the stored evaluation cannot be reused. `folds`: the study's cv.folds.
+    `costs()`: each member's and refit's inference cost, measured after the look (None: the
+    ladder shows no costs)."""
     if not members:
         raise WorkbenchError("no completed trials to ensemble: run the search first")
-    key = fingerprint(members, cfg, test)
-    stored = out / "results.json"
-    if stored.exists():
-        previous = json.loads(stored.read_text())
-        if previous.get("fingerprint") == key:
-            return {**previous, "reused": True}
+    key = fingerprint(members, cfg, test, refits)
+    if (previous := stored(store, key)) is not None:
+        return previous
     t0 = time.perf_counter()
     P = np.stack([m.oof for m in members])
+    best = best_member(members, metric)
     fitted: dict[str, Any] = {}
-    methods: dict[str, dict[str, Any]] = {}
+    cv_proba: dict[str, np.ndarray] = {}
     for name in cfg.methods:  # 1) fit on OOF rows only
         comb = _combiner(name, cfg, seed)
         fitted[name] = comb.fit(P, y_train)
-        methods[name] = {
-            "members": [m.name for m in members],
-            "weights": [float(w) for w in comb.weights_],
-            "oof": evaluate.scores(comb.predict_proba(P), y_train),
-            "oof_cv": cross_validated(comb, P, y_train, seed, folds),
-        }
-    chosen = min(methods, key=lambda n: methods[n]["oof_cv"]["log_loss"])
-    final = fitted[chosen]
-    if cfg.temperature:
-        final = TemperatureScaling(_combiner(chosen, cfg, seed)).fit(P, y_train)
-    # 2) the one look at the test split
-    P_test = predict()
-    count = _count_test_evaluation(out, key)
-    results = _score(
-        members, y_train, methods, fitted, chosen, final, P_test, test, cfg, seed, metric
+        cv_proba[name] = cross_validated_proba(comb, P, y_train, seed, folds)
+    names = [m.name for m in members]
+    choice = choose(P, y_train, cv_proba, names, best, cfg.bootstrap, seed, cfg.ship)
+    final = shipped_rule(choice, fitted, best, P, y_train, cfg.temperature)
+    probas = predict(best)  # 2) the one look at the test split
+    looks = store.count_test_look(
+        TestLook(
+            time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            command="ensemble",
+            what=f"{len(members)} members, {len(fitted)} methods and the final model",
+            rows=len(test.y),
+            fingerprint=key,
+        )
     )
-    results.update(
-        {
-            "fingerprint": key,
-            "split_fingerprint": test.split_fingerprint,
-            "test_evaluations": count,
-            "chosen": chosen,
-            "reused": False,
-            "classes": test.classes,
-            "n_test": len(test.y),
-            "seconds": time.perf_counter() - t0,
-        }
-    )
-    results["final"]["rule"] = combiner_state(final)
-    atomic_write(stored, lambda f: f.write(json.dumps(results, indent=1).encode()))
-    return results
-
-
-def _count_test_evaluation(out: Path, key: str) -> int:
-    """Append to the log of test evaluations; return how many there have been."""
-    log = out / "test_evaluations.json"
-    entries = json.loads(log.read_text()) if log.exists() else []
-    entries.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "fingerprint": key})
-    atomic_write(log, lambda f: f.write(json.dumps(entries, indent=1).encode()))
-    return len(entries)
-
-
-def _score(
-    members: list[Member],
-    y_train: np.ndarray,
-    methods: dict[str, dict[str, Any]],
-    fitted: dict[str, Any],
-    chosen: str,
-    final: Any,
-    P_test: np.ndarray,
-    test: HeldOut,
-    cfg: EnsembleConfig,
-    seed: int,
-    metric: str,
-) -> dict[str, Any]:
-    y = test.y
-    better = max if metric == "accuracy" else min
-    best_i = members.index(better(members, key=lambda m: m.spec.cv_score))
-    best_p = P_test[best_i]
-
-    def versus(proba: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
-        return {
-            "vs_best_single": evaluate.paired_bootstrap(
-                y, pred, best_p.argmax(1), proba, best_p, n_boot=cfg.bootstrap, seed=seed
-            ),
-            "mcnemar": evaluate.mcnemar(y, pred, best_p.argmax(1)),
-        }
-
-    for name, comb in fitted.items():
-        proba = comb.predict_proba(P_test)
-        methods[name]["test"] = evaluate.metrics(proba, y)
-        methods[name].update(versus(proba, comb.predict(P_test)))
-    final_p = final.predict_proba(P_test)
-    wrong = np.flatnonzero(final_p.argmax(1) != y)
-    wrong = wrong[np.argsort(-final_p[wrong].max(1))][:MISCLASSIFIED_SHOWN]
-    return {
-        "members": [
-            {
-                "name": m.name,
-                "model": m.spec.model,
-                "trial": m.spec.trial,
-                "kind": m.spec.kind,
-                "cv_score": m.spec.cv_score,
-                "oof": evaluate.scores(m.oof, y_train),
-                "test": evaluate.metrics(P_test[i], y),
-            }
+    member_costs = costs() if costs else {}
+    ladder_in = Scored(test.y, probas, best, cfg.bootstrap, seed)
+    oof = {n: evaluate.scores(c.predict_proba(P), y_train) for n, c in fitted.items()}
+    result = EnsembleResult(
+        fingerprint=key,
+        split_fingerprint=test.split_fingerprint,
+        test_evaluations=looks,
+        reused=False,
+        classes=test.classes,
+        n_test=len(test.y),
+        folds=len(probas.folds),
+        seconds=0.0,
+        members=[
+            MemberResult(
+                name=m.name,
+                model=m.spec.model,
+                trial=m.spec.trial,
+                kind=m.spec.kind,
+                cv_score=m.spec.cv_score,
+                oof=OofScores(**evaluate.scores(m.oof, y_train)),
+                test=scores(probas.members[i], test.y),
+                cost=member_costs.get(m.name),
+            )
             for i, m in enumerate(members)
         ],
-        "best_single": members[best_i].name,
-        "methods": methods,
-        "final": {
-            "method": chosen,
-            "temperature": getattr(final, "temperature_", None),
-            "test": evaluate.metrics(final_p, y),
-            **versus(final_p, final.predict(P_test)),
-            "reliability": evaluate.reliability(final_p, y),
-            "best_single_reliability": evaluate.reliability(best_p, y),
+        best_single=members[best].name,
+        methods={
+            name: MethodResult(
+                name=name,
+                members=[m.name for m in members],
+                weights=[float(w) for w in comb.weights_],
+                oof=OofScores(**oof[name]),
+                oof_cv=OofScores(**evaluate.scores(cv_proba[name], y_train)),
+                test=scores(
+                    comb.predict_proba(probas.members), test.y, comb.predict(probas.members)
+                ),
+            )
+            for name, comb in fitted.items()
         },
-        "disagreement": {
-            "members": [m.name for m in members],
-            "matrix": evaluate.disagreement(P_test).tolist(),
-        },
-        "misclassified": [
-            {
-                "row": int(r),
-                "true": int(y[r]),
-                "pred": int(final_p[r].argmax()),
-                "confidence": float(final_p[r].max()),
-            }
-            for r in wrong
-        ],
-    }
+        choice=choice,
+        final=_final(ladder_in, choice.shipped, final),
+        ladder=ladder(ladder_in, members, fitted, choice, final, member_costs, refits),
+        disagreement=Disagreement(
+            members=[m.name for m in members],
+            matrix=evaluate.disagreement(probas.members).tolist(),
+        ),
+        misclassified=_misclassified(final, probas.members, test.y),
+    )
+    result = result.model_copy(update={"seconds": time.perf_counter() - t0})
+    atomic_write(store.results, lambda f: f.write(result.dumps()))
+    return result
+
+
+def _final(s: Scored, shipped: str, final: Any) -> FinalResult:
+    proba, pred = final.predict_proba(s.probas.members), final.predict(s.probas.members)
+    bag = s.probas.members[s.best]
+    return FinalResult(
+        method=shipped,
+        rule=Rule(**combiner_state(final)),
+        test=scores(proba, s.y, pred),
+        vs_bag=s.paired(proba, pred, bag, "k-fold bag"),
+        reliability=Reliability(**evaluate.reliability(proba, s.y, pred=pred)),
+        bag_reliability=Reliability(**evaluate.reliability(bag, s.y)),
+    )
+
+
+def _misclassified(final: Any, P_test: np.ndarray, y: np.ndarray) -> list[Misclassified]:
+    """The final model's wrong test rows, most confident first (at most MISCLASSIFIED_SHOWN)."""
+    proba, pred = final.predict_proba(P_test), final.predict(P_test)
+    wrong = np.flatnonzero(pred != y)
+    conf = proba[wrong, pred[wrong]]
+    order = wrong[np.argsort(-conf, kind="stable")][:MISCLASSIFIED_SHOWN]
+    return [
+        Misclassified(
+            row=int(r), true=int(y[r]), pred=int(pred[r]), confidence=float(proba[r, pred[r]])
+        )
+        for r in order
+    ]

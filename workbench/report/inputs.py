@@ -1,13 +1,16 @@
 """What the report is made of: plain data gathered by the CLI from the study, tracking and results.
 
-No torch, optuna or mlflow here: the report renders whatever these dataclasses hold, and a section
-whose input is missing (`None`, empty) says so in one line instead of failing.
+No torch, optuna or mlflow here: the report renders whatever these dataclasses and the ensemble
+stage's typed record (workbench/results.py) hold, and a section whose input is missing (`None`,
+empty) says so in one line instead of failing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from workbench.results import EnsembleResult, TestLook
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,9 @@ class ReportInputs:
     stage_seconds: dict[str, float]  # e.g. {"search": 300.0, "ensemble": 20.0, "report": 2.0}
     tracking: dict[str, Any] | None  # {"uri", "experiment_id", "ui_url" | None, "study_runs"}
     models: list[ModelSection]
-    ensemble: dict[str, Any] | None  # the ensemble stage's results.json, None if not run yet
+    ensemble: EnsembleResult | None  # the ensemble stage's result, None if not run yet
     misclassified_images: Any | None  # float array (n, H, W) or (n, H, W, C) in [0, 1]
     created: str  # ISO timestamp
     skipped_files: list[str] = field(default_factory=list)  # "path: reason" (on_bad_file = skip)
+    # every look at the test split so far, by any command, oldest first (the store's log)
+    test_looks: list[TestLook] = field(default_factory=list)

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from workbench.report.inputs import ModelSection
+from workbench.results import Reliability
 
 STYLE = {
     "svg.fonttype": "path",  # glyphs as paths: no fonts needed, no text to inject
@@ -40,8 +41,8 @@ STYLE = {
     "axes.titleweight": "bold",
 }
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-BEST = "#d62728"  # best-so-far line, final ensemble
-MUTED = "#7f7f7f"  # pruned trials, best single model
+BEST = "#d62728"  # best-so-far line, final model
+MUTED = "#7f7f7f"  # pruned trials, the k-fold bag
 METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "lr")  # per-epoch keys of a curve
 ANNOTATE_MAX = 25  # heatmaps with more rows than this get no per-cell numbers
 UNSAFE = re.compile(r"<script|<foreignObject|\son[a-z]+\s*=|javascript:", re.IGNORECASE)
@@ -269,24 +270,24 @@ def heatmap(
 
 @styled
 def reliability(
-    final: dict[str, Any] | None,
-    single: dict[str, Any] | None,
-    names: tuple[str, str] = ("final ensemble", "best single"),
+    final: Reliability | None,
+    bag: Reliability | None,
+    names: tuple[str, str] = ("final model", "k-fold bag"),
 ) -> Markup | None:
     """Accuracy against mean confidence per bin for two models, the diagonal, and the bin counts."""
-    shown = [(r, n, c) for r, n, c in zip((final, single), names, (BEST, MUTED), strict=True) if r]
+    shown = [(r, n, c) for r, n, c in zip((final, bag), names, (BEST, MUTED), strict=True) if r]
     if not shown:
         return None
     fig = figure(6.4, 4.6)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], color="#bbbbbb", linestyle=":", linewidth=1)
     note(top, "perfect calibration", (0.2, 0.2), 0, 6, rotation=37, color="#999999", ha="center")
-    edges = np.asarray(shown[0][0]["edges"], dtype=np.float64)
+    edges = np.asarray(shown[0][0].edges, dtype=np.float64)
     width = (edges[1] - edges[0]) / (len(shown) + 1)
     for k, (rel, name, color) in enumerate(shown):
         pts = [
             (c, a)
-            for c, a in zip(rel["confidence"], rel["accuracy"], strict=True)
+            for c, a in zip(rel.confidence, rel.accuracy, strict=True)
             if c is not None and a is not None
         ]
         if pts:
@@ -295,7 +296,7 @@ def reliability(
         # names in the top-left corner, in their line's colour: over-confident models never go there
         top.text(0.03, 0.93 - 0.09 * k, name, transform=top.transAxes, color=color, weight="bold")
         bottom.bar(
-            edges[:-1] + width * (k + 0.5), rel["count"], width=width, color=color, align="edge"
+            edges[:-1] + width * (k + 0.5), rel.count, width=width, color=color, align="edge"
         )
     top.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy in bin")
     top.set_title("Reliability on the test split")

@@ -2,7 +2,7 @@
 
 The page loads nothing: a Content-Security-Policy allows only data: images, inline styles and the
 one sorting script (by its sha256), so even a value that slipped past escaping could not run code.
-Numbers are formatted here, once (`num`, `signed`, ...), and the tests use the same functions.
+Numbers are formatted once, in report/format.py (`num`, `signed`, ...), which the tests use too.
 The charts' module (matplotlib) is imported by the views that draw: a `workbench study` parent
 imports this module before it forks its workers, and matplotlib there was 24 MB of proportional
 set size in the search's process tree, for a report drawn after the search.
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import math
 import re
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,23 @@ import jinja2
 from markupsafe import Markup
 
 from workbench.files import atomic_write
+from workbench.report.format import (
+    DASH,
+    count,
+    megabytes,
+    ms,
+    num,
+    param,
+    pvalue,
+    seconds,
+    sentence,
+    signed,
+    sort_key,
+    to_toml,
+)
 from workbench.report.inputs import ModelSection, ReportInputs
+from workbench.results import EnsembleResult, Interval, Misclassified, Paired
 
-DASH = "–"  # shown for a missing number
 METRICS = [  # (key, label, higher is better) of the ensemble tables
     ("accuracy", "accuracy", True),
     ("log_loss", "log loss", False),
@@ -34,94 +47,6 @@ METRICS = [  # (key, label, higher is better) of the ensemble tables
     ("brier", "Brier", False),
     ("macro_f1", "macro-F1", True),
 ]
-
-
-# -- formatting: one place, used by the template and the tests --------------------------------
-
-
-def num(x: Any, digits: int = 4) -> str:
-    """A metric value: fixed `digits` decimals; an int (a count) as is; None shows as a dash."""
-    if x is None:
-        return DASH
-    if isinstance(x, int) and not isinstance(x, bool):
-        return str(x)
-    return f"{float(x):.{digits}f}"
-
-
-def signed(x: Any, digits: int = 4) -> str:
-    """A difference, always with its sign ('+0.0000' for anything that rounds to zero)."""
-    return DASH if x is None else f"{round(float(x), digits) + 0.0:+.{digits}f}"
-
-
-def pvalue(p: Any) -> str:
-    if p is None:
-        return DASH
-    return "< 0.0001" if float(p) < 1e-4 else f"{float(p):.4f}"
-
-
-def seconds(s: Any) -> str:
-    """Wall time: '8.2 s', '5 min 03 s', '2 h 07 min'."""
-    if s is None or not math.isfinite(float(s)):
-        return DASH
-    s = float(s)
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(s % 60):02d} s"
-    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
-
-
-def param(v: Any) -> str:
-    """A hyperparameter value: floats to 4 significant digits, booleans as in TOML."""
-    if v is None:
-        return DASH
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def sort_key(v: Any) -> str:
-    """The data-sort attribute of a cell: the raw number, or '' for missing (sorts last)."""
-    if v is None or isinstance(v, bool):
-        return "" if v is None else str(int(v))
-    return repr(float(v)) if isinstance(v, int | float) else str(v)
-
-
-def to_toml(d: dict[str, Any], path: tuple[str, ...] = ()) -> str:
-    """The resolved study file, TOML-ish: scalars and inline tables first, then sub-tables."""
-
-    def key(k: Any) -> str:
-        return str(k) if re.fullmatch(r"[A-Za-z0-9_-]+", str(k)) else json.dumps(str(k))
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)  # TOML spells inf and nan as Python does
-        if isinstance(v, dict):
-            inner = ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items())
-            return "{ " + inner + " }" if inner else "{}"
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(str(v), ensure_ascii=False)
-
-    lines, tables = [], []
-    for k, v in d.items():
-        if isinstance(v, dict) and (any(isinstance(x, dict) for x in v.values()) or len(v) > 3):
-            tables.append((k, v))  # nested, or too long for one line: a [section]
-        elif v is None:
-            lines.append(f"# {key(k)} is unset")
-        else:
-            lines.append(f"{key(k)} = {value(v)}")
-    out = "\n".join(lines)
-    for k, v in tables:
-        sub = (*path, key(k))
-        body = to_toml(v, sub)
-        head = "" if body.startswith("[") else f"[{'.'.join(sub)}]\n"  # only sub-tables: implied
-        out += ("\n\n" if out else "") + head + body
-    return out
 
 
 # -- view: what the template iterates over ------------------------------------------------------
@@ -179,89 +104,126 @@ def _model_view(section: ModelSection) -> dict[str, Any]:
     }
 
 
-def _verdict(ci: dict[str, Any] | None, higher_is_better: bool) -> str:
-    """Plain words for a bootstrap CI of (ensemble - best single)."""
-    if not ci or ci.get("ci_low") is None or ci.get("ci_high") is None:
+def interval_verdict(i: Interval | None, higher_is_better: bool) -> str:
+    """Plain words for a bootstrap CI of a difference A - B of one metric."""
+    if i is None:
         return ""
-    lo, hi = float(ci["ci_low"]), float(ci["ci_high"])
-    if lo <= 0.0 <= hi:
+    if not i.excludes_zero:
         return "no clear difference (CI includes 0)"
-    return "better (CI excludes 0)" if (lo > 0) == higher_is_better else "worse (CI excludes 0)"
+    return (
+        "better (CI excludes 0)" if (i.ci_low > 0) == higher_is_better else "worse (CI excludes 0)"
+    )
+
+
+def verdict(p: Paired | None) -> str:
+    """Plain words for A against B on accuracy and log loss: what A wins or loses beyond the noise
+    (the 95 % CI excludes 0), e.g. 'better log loss; accuracy within the noise'."""
+    if p is None:
+        return ""
+    clear, noise = [], []
+    for name, i, higher in (("accuracy", p.accuracy, True), ("log loss", p.log_loss, False)):
+        if not i.excludes_zero:
+            noise.append(name)
+        else:
+            clear.append(f"{'better' if (i.ci_low > 0) == higher else 'worse'} {name}")
+    if not clear:
+        return "no clear difference (CIs include 0)"
+    return ", ".join(clear) + (f"; {' and '.join(noise)} within the noise" if noise else "")
+
+
+@dataclass(frozen=True)
+class WrongRow:
+    """A misclassified test row as the grid shows it."""
+
+    m: Misclassified
+    true_name: str | None  # None: the class index is not in the result's classes
+    pred_name: str | None
+    uri: str | None  # the image as a data: URI, None when the images were not passed
+
+
+def _vs_bag(e: EnsembleResult, method: str) -> Paired | None:
+    """A combiner against the k-fold bag: its ladder rung's comparison with the rung below."""
+    rung = next((r for r in e.ladder if r.name == method), None)
+    vs = rung.vs_below if rung else None
+    return vs if vs is not None and vs.against == "k-fold bag" else None
+
+
+def _weights(e: EnsembleResult) -> dict[str, dict[str, float]]:
+    """Member weights per method, and the shipped rule's as "final" (members in result order)."""
+    out = {name: dict(zip(m.members, m.weights, strict=False)) for name, m in e.methods.items()}
+    out["final"] = dict(zip([m.name for m in e.members], e.final.rule.weights, strict=False))
+    return out
+
+
+def _wrong(e: EnsembleResult, classes: list[str], images: Any | None) -> list[WrongRow]:
+    from workbench.report import plots
+
+    return [
+        WrongRow(
+            m,
+            at(classes, m.true),
+            at(classes, m.pred),
+            plots.image_uri(images[k]) if images is not None and k < len(images) else None,
+        )
+        for k, m in enumerate(e.misclassified)
+    ]
 
 
 def _ensemble_view(inputs: ReportInputs) -> dict[str, Any] | None:
     from workbench.report import plots
 
-    ens = inputs.ensemble
-    if ens is None:
+    e = inputs.ensemble
+    if e is None:
         return None
-    classes = [str(c) for c in ens.get("classes") or inputs.classes]
-    members = ens.get("members", [])
-    single = next((m for m in members if m.get("name") == ens.get("best_single")), None)
-    final = ens.get("final") or {}
-    methods = ens.get("methods", {})
-    chosen = methods.get(ens.get("chosen"), {})
-    weights = {
-        name: dict(zip(m.get("members", []), m.get("weights", []), strict=False))
-        for name, m in methods.items()
-    }
-    final_test = final.get("test") or {}
-    single_test = (single or {}).get("test") or {}
-    confusion = final_test.get("confusion")
+    classes = [str(c) for c in e.classes or inputs.classes]
+    rungs = {r.name: r for r in e.ladder}
+    best = next((m for m in e.members if m.name == e.best_single), None)
+    bag = rungs["k-fold bag"].test if "k-fold bag" in rungs else (best.test if best else None)
+    final = e.final
+    confusion = final.test.confusion
     support = [sum(row) for row in confusion] if confusion else []
-    recall = final_test.get("per_class_recall") or []
-    single_recall = single_test.get("per_class_recall") or []
+    bag_recall = bag.per_class_recall if bag else []
     recall_rows = [
-        (i, name, at(recall, i), at(single_recall, i), at(support, i))
+        (i, name, at(final.test.per_class_recall, i), at(bag_recall, i), at(support, i))
         for i, name in enumerate(classes)
     ]
-    dis = ens.get("disagreement") or {}
-    images = inputs.misclassified_images
-    wrong = []
-    for k, m in enumerate(ens.get("misclassified") or []):
-        uri = plots.image_uri(images[k]) if images is not None and k < len(images) else None
-        true, pred = at(classes, m.get("true")), at(classes, m.get("pred"))
-        wrong.append({**m, "uri": uri, "true_name": true, "pred_name": pred})
-    shares = None
-    if confusion:
-        shares = [[v / max(sum(row), 1) for v in row] for row in confusion]
-    vs = chosen.get("vs_best_single") or {}
+    shares = [[v / max(sum(row), 1) for v in row] for row in confusion] if confusion else None
+    wrong = _wrong(e, classes, inputs.misclassified_images)
     return {
-        "e": ens,
+        "e": e,
         "classes": classes,
-        "single": single,
-        "final": final,
-        "chosen": chosen,
-        "weights": weights,
+        "best": best,
+        "bag": bag,
+        "vs_bag": {name: _vs_bag(e, name) for name in e.methods},
+        "weights": _weights(e),
+        "networks": sum(w > 0 for w in final.rule.weights),  # members the final rule runs
+        "looks": len(inputs.test_looks) if inputs.test_looks else e.test_evaluations,
         "recall": recall_rows,
         "wrong": wrong,
-        "images_missing": bool(wrong) and images is None,
-        "split_mismatch": ens.get("split_fingerprint") != inputs.split.get("fingerprint"),
-        "verdict": {
-            "accuracy": _verdict(vs.get("accuracy"), True),
-            "log_loss": _verdict(vs.get("log_loss"), False),
-        },
+        "images_missing": bool(wrong) and inputs.misclassified_images is None,
+        "split_mismatch": e.split_fingerprint != inputs.split.get("fingerprint"),
+        "card_deltas": {"accuracy": final.vs_bag.accuracy, "log_loss": final.vs_bag.log_loss},
         "disagreement": plots.heatmap(
-            dis.get("matrix") or [],
-            *[dis.get("members", [])] * 2,
+            e.disagreement.matrix,
+            *[e.disagreement.members] * 2,
             "Member disagreement, test split",
             "member",
             "member",
             cmap="Oranges",
         ),
         "reliability": plots.reliability(
-            final.get("reliability"),
-            final.get("best_single_reliability"),
+            final.reliability,
+            final.bag_reliability,
             (
-                f"final, ECE {num(final_test.get('ece'))}",
-                f"best single, ECE {num(single_test.get('ece'))}",
+                f"final, ECE {num(final.test.ece)}",
+                f"k-fold bag, ECE {num(bag.ece if bag else None)}",
             ),
         ),
         "confusion": plots.heatmap(
             confusion or [],
             classes,
             classes,
-            "Final ensemble, test split",
+            "Final model, test split",
             "predicted class",
             "true class",
             fmt="{:.0f}",
@@ -294,9 +256,11 @@ def environment() -> jinja2.Environment:
             lstrip_blocks=True,
         )
         funcs = {"num": num, "signed": signed, "pvalue": pvalue, "seconds": seconds}
-        _ENV.filters.update({**funcs, "param": param, "sort_key": sort_key})
+        sizes = {"count": count, "megabytes": megabytes, "ms": ms, "sentence": sentence}
+        _ENV.filters.update({**funcs, **sizes, "param": param, "sort_key": sort_key})
         links = {"run_url": run_url, "model_url": model_url}
-        _ENV.globals.update({"METRICS": METRICS, "DASH": DASH, **links, "at": at})
+        words = {"verdict": verdict, "interval_verdict": interval_verdict}
+        _ENV.globals.update({"METRICS": METRICS, "DASH": DASH, **links, **words, "at": at})
     return _ENV
 
 

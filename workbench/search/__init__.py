@@ -27,10 +27,11 @@ worker), so the next worker to start runs it. A retry (of a dead worker's trial 
 interrupted one) inherits its first try's folder, keeps the folds completed there and trains
 only the missing ones, with the seeds the first try would have used (user attr `first_try`).
 
-Snapshot runs are trials too (search/snapshots.py): with `[ensemble] snapshots = M`, once a
-model's search has nothing running or queued, a worker queues one trial in the model's
-`<study>/<model>/snapshots` study that retrains the best configuration with M cosine cycles; any
-worker runs it, with the same heartbeats, retries and sealed files as a search trial.
+Follow-up runs are trials too (search/followups.py): once a model's search has nothing running
+or queued, a worker queues one trial in the model's `<study>/<model>/snapshots` study
+(`[ensemble] snapshots = M`: the best configuration retrained with M cosine cycles) and one in
+`<study>/<model>/refit` (`[ensemble] refit = true`: retrained once on every training row); any
+worker runs them, with the same heartbeats, retries and sealed files as a search trial.
 
 On disk: the run store's layout (workbench/store.py). A completed trial records its folder
 (`dir`, relative to the study's folder) and its manifest (`files`: URI, sha256 per file).
@@ -38,27 +39,29 @@ On disk: the run store's layout (workbench/store.py). A completed trial records 
 
 from optuna.storages import RDBStorage
 
+from workbench.search.followups import pending as pending_followups
 from workbench.search.results import (
     ModelProgress,
     TrialRecord,
     completed_trials,
+    followup_record,
     importances,
     progress,
     trial_rows,
 )
-from workbench.search.snapshots import completed_snapshot, pending_snapshots
 from workbench.search.storage import (
     DIRECTIONS,
     FINISHED,
     TAKEN,
     StaleTrial,
     create_studies,
+    followup_kinds,
+    followup_study,
+    followup_study_name,
     missing_studies,
     open_storage,
     preload,
     shown_url,
-    snapshot_study,
-    snapshot_study_name,
     storage_url,
     study_name,
 )
@@ -74,20 +77,21 @@ __all__ = [
     "StaleTrial",
     "TrialRecord",
     "_has_work",
-    "completed_snapshot",
     "completed_trials",
     "create_studies",
+    "followup_kinds",
+    "followup_record",
+    "followup_study",
+    "followup_study_name",
     "importances",
     "missing_studies",
     "open_storage",
-    "pending_snapshots",
+    "pending_followups",
     "preload",
     "progress",
     "run_worker",
     "sample_params",
     "shown_url",
-    "snapshot_study",
-    "snapshot_study_name",
     "storage_url",
     "study_name",
     "trial_rows",

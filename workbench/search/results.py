@@ -14,6 +14,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from workbench.config import StudyConfig
+from workbench.search.followups import completed
 from workbench.search.storage import DIRECTIONS, FINISHED, best_trial, study_name
 
 
@@ -98,6 +99,25 @@ def completed_trials(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[
         for t in trials
     ]
     return sorted(records, key=lambda r: r.value, reverse=DIRECTIONS[cfg.cv.metric] == "maximize")
+
+
+def followup_record(
+    cfg: StudyConfig, model: str, storage: RDBStorage, of: TrialRecord, kind: str
+) -> TrialRecord | None:
+    """The completed `kind` follow-up run (search/followups.py) of trial `of`'s configuration
+    (its number and CV value are the configuration's), or None while there is none."""
+    run = completed(cfg, model, storage, of.number, kind)
+    if run is None:
+        return None
+    return TrialRecord(
+        model,
+        of.number,
+        of.value,
+        dict(run.params),
+        dict(run.user_attrs),
+        cfg.out / run.user_attrs["dir"],
+        run.duration.total_seconds() if run.duration else None,
+    )
 
 
 def trial_rows(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[dict[str, Any]]:

@@ -189,16 +189,25 @@ def shown_url(url: str) -> str:
         return url
 
 
-def snapshot_study_name(cfg: StudyConfig, model: str) -> str:
-    return f"{study_name(cfg, model)}/snapshots"
+def followup_kinds(cfg: StudyConfig) -> list[str]:
+    """The follow-up runs the study file asks for (search/followups.py)."""
+    if not cfg.ensemble.enabled:
+        return []
+    kinds = {"snapshots": cfg.ensemble.snapshots > 1, "refit": cfg.ensemble.refit}
+    return [k for k, on in kinds.items() if on]
 
 
-def snapshot_study(cfg: StudyConfig, model: str, storage: Any) -> optuna.Study:
-    """The model's snapshot study, created on first use (by the parent, or by a worker of a
-    storage made before snapshot runs were trials)."""
+def followup_study_name(cfg: StudyConfig, model: str, kind: str) -> str:
+    """The study of a model's follow-up runs: `<study>/<model>/snapshots` or `.../refit`."""
+    return f"{study_name(cfg, model)}/{kind}"
+
+
+def followup_study(cfg: StudyConfig, model: str, kind: str, storage: Any) -> optuna.Study:
+    """The model's study of `kind` follow-up runs (search/followups.py), created on first use
+    (by the parent, or by a worker of a storage made before such runs were trials)."""
     return optuna.create_study(
         storage=storage,
-        study_name=snapshot_study_name(cfg, model),
+        study_name=followup_study_name(cfg, model, kind),
         direction=DIRECTIONS[cfg.cv.metric],
         load_if_exists=True,
     )
@@ -226,8 +235,8 @@ def create_studies(cfg: StudyConfig, storage: RDBStorage) -> dict[str, optuna.St
                 f"{cfg.out}) to start a new study."
             )
         studies[model] = study
-        if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:
-            snapshot_study(cfg, model, storage)  # before any worker: two creating it race
+        for kind in followup_kinds(cfg):  # before any worker: two creating one race
+            followup_study(cfg, model, kind, storage)
     return studies
 
 

@@ -1,5 +1,5 @@
 """Trials: the objective (k-fold CV of sampled hyperparameters), pruning, the worker loop and the
-snapshot runs. See workbench/search/__init__.py for pruning and what a worker does when others die.
+follow-up runs. See workbench/search/__init__.py for pruning and what a worker does when others die.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ from workbench.data import ImageData, Split
 from workbench.errors import SearchError
 from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
-from workbench.search.snapshots import is_surplus_snapshot, queue_snapshot
-from workbench.search.storage import TAKEN, open_storage, requeue, snapshot_study, study_name
+from workbench.search import followups
+from workbench.search.storage import (
+    TAKEN,
+    followup_kinds,
+    followup_study,
+    open_storage,
+    requeue,
+    study_name,
+)
 from workbench.store import RunStore
 from workbench.tracking import FoldRuns, Tracker
 from workbench.train import Interrupted
@@ -88,14 +95,16 @@ def _surplus(trial: Trial, target: int) -> bool:
 
 @dataclass
 class Objective:
-    """Score one trial: the mean over the k folds of the study's metric. With `snapshots`, the
-    trials are the model's snapshot runs (workbench/search/snapshots.py), not sampled."""
+    """Score one trial: the mean over the k folds of the study's metric. With `follow_up`
+    ("snapshots" or "refit"), the trials are the model's follow-up runs of its best
+    configuration (workbench/search/followups.py), not sampled; a refit scores as that
+    configuration did (it has no validation rows of its own)."""
 
     cv: CrossValidator
     tracker: Tracker
     worker: int = 0  # the worker's index, recorded on each trial it runs
     superseded: int | None = None  # our last trial, if another worker failed it while it ran
-    snapshots: bool = False
+    follow_up: str = ""  # "", "snapshots" or "refit"
 
     def __call__(self, trial: Trial) -> float:
         self.superseded = None
@@ -127,7 +136,11 @@ class Objective:
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
-        if is_surplus_snapshot(trial) if self.snapshots else _surplus(trial, cfg.trials_for(model)):
+        if (
+            followups.is_surplus(trial)
+            if self.follow_up
+            else _surplus(trial, cfg.trials_for(model))
+        ):
             trial.set_user_attr("surplus", True)
             raise Surplus(f"trial {trial.number}: the study already has its trials; nothing run")
         # a retry inherits its first try's user attrs: the same folder (kept folds), the same seeds
@@ -135,10 +148,10 @@ class Objective:
         label: int | str
         seed_label: int | str
         report: Report | None
-        if self.snapshots:
+        if self.follow_up:
             of = int(trial.user_attrs["of_trial"])
-            hp, out = dict(trial.user_attrs["hp"]), store.snapshots(model, of)
-            label = seed_label = f"snapshots-of-{of}"
+            hp, out = dict(trial.user_attrs["hp"]), store.followup(model, self.follow_up, of)
+            label = seed_label = f"{self.follow_up}-of-{of}"
             report = None  # one run of a chosen configuration: nothing to prune
         else:
             spec = cfg.models[model]
@@ -153,12 +166,18 @@ class Objective:
             store.pull(out)
         t0 = time.perf_counter()
         try:
-            result = self.cv.run(hp, out, RunRef(model, label, run), report, seed_label)
-            scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
-            summary = {**result.summary(), "seconds": time.perf_counter() - t0}
+            if self.follow_up == "refit":  # one training on every row: the configuration's score
+                history = self.cv.refit(hp, out, RunRef(model, label, run), seed_label)
+                scores = [float(trial.user_attrs["of_value"])]
+                summary = {**history[-1], "seconds": time.perf_counter() - t0}
+            else:
+                result = self.cv.run(hp, out, RunRef(model, label, run), report, seed_label)
+                scores = result.accuracy if cfg.cv.metric == "accuracy" else result.log_loss
+                summary = {**result.summary(), "seconds": time.perf_counter() - t0}
+                trial.set_user_attr("folds_resumed", result.resumed)
+                trial.set_user_attr("best_epochs", result.best_epochs)
             for key, value in {**summary, "fold_scores": scores}.items():
                 trial.set_user_attr(key, value)
-            trial.set_user_attr("folds_resumed", result.resumed)
             manifest = store.seal(out)
             trial.set_user_attr("files", manifest)
         except BaseException as e:
@@ -265,25 +284,25 @@ def _work(
     events, store = Events([FoldRuns(tracker)]), RunStore(cfg.out, tracker.remote())
 
     # one CrossValidator per model (it holds the model's training rows and folds), shared by
-    # the model's search trials and its snapshot run
+    # the model's search trials and its follow-up runs
     cvs = {
         m: CrossValidator(cfg, m, data, split, events, should_stop, store, worker) for m in names
     }
 
-    def objective(m: str, snapshots: bool = False) -> Objective:
-        return Objective(cvs[m], tracker, worker, snapshots=snapshots)
+    def objective(m: str, follow_up: str = "") -> Objective:
+        return Objective(cvs[m], tracker, worker, follow_up=follow_up)
 
-    # (name, study, objective, has work?): every model's search, then its snapshot run
+    # (name, study, objective, has work?): every model's search, then its follow-up runs
     jobs: list[tuple[str, optuna.Study, Objective, Callable[[], bool]]] = [
         (m, studies[m], objective(m), partial(_has_work, studies[m], cfg.trials_for(m)))
         for m in names
     ]
-    if cfg.ensemble.enabled and cfg.ensemble.snapshots > 1:
+    for kind in followup_kinds(cfg):
         for m in names:
-            snaps = snapshot_study(cfg, m, storage)
-            queued = partial(_has_work, snaps, 0)  # a queued (or retried) snapshot run
-            new = partial(queue_snapshot, cfg, m, studies[m], snaps)
-            jobs.append((f"{m}/snapshots", snaps, objective(m, True), _either(queued, new)))
+            runs = followup_study(cfg, m, kind, storage)
+            queued = partial(_has_work, runs, 0)  # a queued (or retried) follow-up run
+            new = partial(followups.queue, cfg, m, kind, studies[m], runs)
+            jobs.append((f"{m}/{kind}", runs, objective(m, kind), _either(queued, new)))
     failures = {name: 0 for name, *_ in jobs}
     waiting_for: set[tuple[str, int]] = set()
     while not should_stop():
@@ -316,8 +335,8 @@ def _work(
 
 
 def _too_many(job: str, count: int, last: FrozenTrial) -> SearchError:
-    model, _, snapshots = job.partition("/")
-    runs = "snapshot runs" if snapshots else "trials"
+    model, _, kind = job.partition("/")
+    runs = {"snapshots": "snapshot runs", "refit": "refits"}.get(kind, "trials")
     error = last.user_attrs.get("error", "an error the worker's log shows")
     return SearchError(
         f"model '{model}': {count} {runs} in a row failed, the last (trial {last.number}) with "

@@ -11,17 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 from workbench.config import StudyConfig
 from workbench.errors import ConfigError
 from workbench.events import ModelPackaged
+from workbench.results import EnsembleResult
+from workbench.store import RunStore
 from workbench.tracking.runs import Tracker
 from workbench.tracking.settings import tracking_uri
 
 CHAMPION = "champion"  # the alias the newest registered final model gets
 
 
-def log_ensemble(tracker: Tracker, results: dict[str, Any], model: ModelPackaged) -> str:
+def log_ensemble(tracker: Tracker, results: EnsembleResult, model: ModelPackaged) -> str:
     """Create the ensemble run, log into it, end it FINISHED (or FAILED with its children)."""
     exp = tracker.experiment_id()
     run_id = tracker.client.create_run(
@@ -30,8 +33,10 @@ def log_ensemble(tracker: Tracker, results: dict[str, Any], model: ModelPackaged
         tags=tracker.tags(
             "ensemble",
             **{
-                "workbench.chosen": results["chosen"],
-                "workbench.test_evaluations": results["test_evaluations"],
+                "workbench.shipped": results.final.method,
+                "workbench.member_alone": str(results.choice.alone).lower(),
+                "workbench.test_evaluations": str(results.test_evaluations),
+                "mlflow.note.content": ladder_note(results),  # the run's description in the UI
             },
         ),
     ).info.run_id
@@ -48,21 +53,55 @@ def log_ensemble(tracker: Tracker, results: dict[str, Any], model: ModelPackaged
     return run_id
 
 
+def ladder_metrics(results: EnsembleResult) -> dict[str, float]:
+    """The final model's test metrics (test_*), and per rung `rung/<name>/test_*`, the gains over
+    the rung below and one network (`.../gain_*`, with CI ends) and the cost."""
+    out = {**_scalars("test_", results.final.test), "test_evaluations": results.test_evaluations}
+    for r in results.ladder:
+        key = f"rung/{r.name}/"
+        out.update(_scalars(f"{key}test_", r.test))
+        for tag, paired in (("below", r.vs_below), ("network", r.vs_network)):
+            if paired is not None:
+                for metric in ("accuracy", "log_loss"):
+                    i = getattr(paired, metric)
+                    out[f"{key}gain_vs_{tag}_{metric}"] = i.diff
+                    out[f"{key}gain_vs_{tag}_{metric}_ci_low"] = i.ci_low
+                    out[f"{key}gain_vs_{tag}_{metric}_ci_high"] = i.ci_high
+        if r.cost is not None:
+            out[f"{key}ms_per_image"] = r.cost.ms_per_image
+            out[f"{key}parameters"] = r.cost.parameters
+            out[f"{key}weight_bytes"] = r.cost.bytes
+    return out
+
+
+def ladder_note(results: EnsembleResult) -> str:
+    """The ladder as a Markdown table: the ensemble run's description on its MLflow page."""
+    lines = [
+        f"**Shipped: {results.final.method}.** {results.choice.reason}",
+        "",
+        f"Test split: {results.n_test} rows, looked at {results.test_evaluations} time(s).",
+        "",
+        "| rung | accuracy | log loss | Δ acc vs below (95% CI) | Δ acc vs one network | ms/img |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results.ladder:
+        cells = [r.label if r.kind == "final" else r.name, f"{r.test.accuracy:.2%}"]
+        cells.append(f"{r.test.log_loss:.4f}")
+        for paired in (r.vs_below, r.vs_network):
+            i = paired.accuracy if paired else None
+            cells.append(f"{i.diff:+.2%} ({i.ci_low:+.2%}, {i.ci_high:+.2%})" if i else "")
+        cells.append(f"{r.cost.ms_per_image:.3f}" if r.cost else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _log_ensemble(
-    tracker: Tracker, run_id: str, results: dict[str, Any], model: ModelPackaged
+    tracker: Tracker, run_id: str, results: EnsembleResult, model: ModelPackaged
 ) -> None:
     exp = tracker.experiment_id()
-    best = next(m for m in results["members"] if m["name"] == results["best_single"])
-    tracker.log_metrics(
-        run_id,
-        {
-            **_scalars("test_", results["final"]["test"]),
-            **_scalars("best_single_test_", best["test"]),
-            "test_evaluations": results["test_evaluations"],
-        },
-    )
-    tracker.client.log_dict(run_id, results, "ensemble/results.json")
-    for name, method in results["methods"].items():
+    tracker.log_metrics(run_id, ladder_metrics(results))
+    tracker.client.log_dict(run_id, results.to_json(), "ensemble/results.json")
+    for name, method in results.methods.items():
         child = tracker.client.create_run(
             exp,
             run_name=f"ensemble/{name}",
@@ -73,9 +112,9 @@ def _log_ensemble(
         tracker.log_metrics(
             child,
             {
-                **_scalars("test_", method["test"]),
-                **_scalars("oof_", method["oof"]),
-                **_scalars("oof_cv_", method["oof_cv"]),
+                **_scalars("test_", method.test),
+                **_scalars("oof_", method.oof),
+                **_scalars("oof_cv_", method.oof_cv),
             },
         )
         tracker.client.set_terminated(child, "FINISHED")
@@ -118,9 +157,13 @@ def _log_model(tracker: Tracker, run_id: str, model: ModelPackaged) -> None:
         tracker.client.set_registered_model_alias(name, CHAMPION, info.registered_model_version)
 
 
-def _scalars(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar entries of a metrics dict (lists such as per-class recall are left out)."""
-    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+def _scalars(prefix: str, record: BaseModel) -> dict[str, float]:
+    """The scalar fields of a record (lists such as per-class recall are left out)."""
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in record.model_dump().items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def _pyfunc_model(loader: str) -> Any:
@@ -133,8 +176,9 @@ def _pyfunc_model(loader: str) -> Any:
         """`predict(images)` -> DataFrame (label, probability, p_<class>...): images as uint8
         pixels, floats in [0, 1], or a DataFrame `image` column of base64 PNG/JPEG files."""
 
-        def __init__(self, loader: str) -> None:
+        def __init__(self, loader: str, artifact: str) -> None:
             self.loader = loader
+            self.artifact = artifact  # the final model folder's name among the artifacts
 
         def load_context(self, context):  # type: ignore[no-untyped-def]  # no hints: mlflow reads them
             import importlib
@@ -143,7 +187,7 @@ def _pyfunc_model(loader: str) -> Any:
             target: Any = importlib.import_module(module)
             for part in name.split("."):
                 target = getattr(target, part)
-            self.model = target(context.artifacts["final"])
+            self.model = target(context.artifacts[self.artifact])
 
         # The hint: mlflow infers no schema from np.ndarray and passes any input through (a
         # DataFrame too), and it silences "Add type hints to the `predict` method"; the model
@@ -158,7 +202,7 @@ def _pyfunc_model(loader: str) -> Any:
             except ValueError as e:
                 raise MlflowException.invalid_parameter_value(str(e)) from None
 
-    return EnsembleModel(loader)
+    return EnsembleModel(loader, RunStore.FINAL_ARTIFACT)
 
 
 MODEL_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:", "file:", "s3:", "gs:", "http")
@@ -181,7 +225,7 @@ def download_model(cfg: StudyConfig, uri: str, dest: Path) -> Path:
             "pass runs:/<run id>/model, models:/<name>@<alias>, models:/<name>/<version> "
             "or a final model folder"
         ) from None
-    final = local / "artifacts" / "final"
-    if not (final / "ensemble.json").is_file():
+    final = local / "artifacts" / RunStore.FINAL_ARTIFACT
+    if not RunStore.is_final(final):
         raise ConfigError(f"--model {uri}: not a workbench final model (no artifacts/final)")
     return final

@@ -27,6 +27,7 @@ from typing import Any
 
 from workbench.config import StudyConfig, fingerprint, resolved
 from workbench.errors import StorageError
+from workbench.results import EnsembleResult
 from workbench.tracking.settings import artifact_root, flatten, git_commit, tracking_uri
 from workbench.tracking.writer import Writer
 
@@ -49,6 +50,9 @@ def preload(cfg: StudyConfig) -> None:
         import mlflow.store.tracking.rest_store
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
         from mlflow import MlflowClient  # noqa: F401
+
+
+FOLLOW_UP_KIND = {"snapshots": "snapshot", "refit": "refit"}  # a run label's workbench.kind
 
 
 class Tracker:
@@ -183,7 +187,8 @@ class Tracker:
 
     @staticmethod
     def _name(model: str, label: int | str) -> str:
-        """Trial runs are `<model>/trial-<n>`; other CV runs (snapshots) carry their own label."""
+        """Trial runs are `<model>/trial-<n>`; follow-up runs carry their own label
+        (`<model>/snapshots-of-<n>`, `<model>/refit-of-<n>`)."""
         return f"{model}/trial-{label}" if isinstance(label, int) else f"{model}/{label}"
 
     def start_trial(self, model: str, label: int | str, params: dict[str, Any]) -> str:
@@ -200,7 +205,8 @@ class Tracker:
 
     def _create_trial_run(self, model: str, label: int | str) -> str:
 
-        # an Optuna trial is a `trial` run; a snapshot run (string label) has no Optuna trial
+        # an Optuna trial is a `trial` run; a follow-up run (string label "snapshots-of-3",
+        # "refit-of-3") is a `snapshot` or `refit` run, and has no Optuna trial of the search
         extra = (
             {"optuna.study": f"{self.cfg.name}/{model}", "optuna.trial_number": label}
             if isinstance(label, int)
@@ -210,7 +216,7 @@ class Tracker:
             self.experiment_id(),
             run_name=self._name(model, label),
             tags=self.tags(
-                "trial" if isinstance(label, int) else "snapshot",
+                "trial" if isinstance(label, int) else FOLLOW_UP_KIND[str(label).split("-of-")[0]],
                 model,
                 **{
                     "mlflow.parentRunId": self.study_run(model),
@@ -316,9 +322,9 @@ class Tracker:
 
     # --- the ensemble stage (workbench/tracking/model.py) ---------------------------------------
 
-    def log_ensemble(self, results: dict[str, Any], model: Any) -> str:
-        """An `ensemble` run (final and best-single test metrics, results.json, the loadable
-        model: a `ModelPackaged`) with one child run per method; its id ("" when off)."""
+    def log_ensemble(self, results: EnsembleResult, model: Any) -> str:
+        """An `ensemble` run (the ladder, the final model's test metrics, results.json, the
+        loadable model: a `ModelPackaged`) with one child run per method; its id ("" when off)."""
         if not self.enabled:
             return ""
         from workbench.tracking.model import log_ensemble
