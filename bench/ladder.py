@@ -108,7 +108,10 @@ def ladder_figures(label: str, result: EnsembleResult) -> list[Figure]:
         if r.spread is not None:
             lo, hi = r.spread.accuracy
             note = f"fold models {lo * 100:.2f} to {hi * 100:.2f} %"
-        cost = f"; {r.cost.ms_per_image:.3f} ms/img, {r.cost.networks} networks" if r.cost else ""
+        cost = ""
+        if r.cost:
+            n = r.cost.networks
+            cost = f"; {r.cost.ms_per_image:.3f} ms/img, {n} network{'s' if n != 1 else ''}"
         figs.append(Figure(f"{name} accuracy", 100 * r.test.accuracy, "%", note=note + cost))
         figs.append(Figure(f"{name} log loss", r.test.log_loss, "nats"))
     gain = result.rung("final").vs_network

@@ -656,9 +656,10 @@ def test_headline_says_when_the_best_member_ships_alone(inputs: ReportInputs) ->
     html = render_report(study)
     assert shipped(html) == (
         "What ships: the best member alone, cnn/trial-3 (the mean of its 3 fold models, "
-        "temperature-scaled, T = 1.370): no combiner beat it by more than the noise. "
+        "temperature-scaled, T = 1.370). "
         f"Why: {ALONE_REASON}."
     )
+    assert "ships only when the 95 % paired-bootstrap CI of its per-row out-of-fold" in html
     final, under = ladder_rows(html)[-1]
     assert final[0] == "final ships" and under.startswith("cnn/trial-3 alone, temperature-scaled")
     assert final[8] == "vs k-fold bag: no clear difference (CIs include 0)"
