@@ -17,13 +17,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
 
 from workbench.config import AugmentConfig, StudyConfig, TrainConfig
-from workbench.data import ImageData, Split, cv_folds
+from workbench.data import ImageData, Rows, Split, cv_folds
 from workbench.errors import ConfigError
 from workbench.evaluate import scores
 from workbench.events import (
@@ -36,11 +36,12 @@ from workbench.events import (
     RunRef,
 )
 from workbench.files import atomic_write, file_digest, save_npz
-from workbench.models import create_model, model_hparams
+from workbench.models import Classifier, create_model, model_hparams
 from workbench.runtime import derive_seed, seed_everything, select_device, trim_memory
 from workbench.store import FoldRecord, RunStore
-from workbench.train import Interrupted, fit, predict_proba, save_checkpoint
+from workbench.train import FitResult, Interrupted, fit, predict_proba, save_checkpoint
 
+T = TypeVar("T")
 # report(fold, epoch, metrics): the search's pruning hook; raising from it stops the run
 Report = Callable[[int, int, dict[str, float]], None]
 
@@ -189,9 +190,47 @@ class CrossValidator:
         report: Report | None,
     ) -> FoldRecord:
         """Train fold k; write its checkpoint (and snapshot checkpoints), then its record."""
+        val = self.rows.subset(va)
+
+        def record(net: Classifier, result: FitResult, meta: dict[str, Any]) -> FoldRecord:
+            proba = predict_proba(net, val, amp=configs[0].amp)
+            snaps = []
+            if len(result.snapshots) > 1:  # one cycle is the run itself: no snapshot ensemble
+                for m, state in enumerate(result.snapshots):
+                    net.load_state_dict(state)
+                    path = self.run_store.checkpoint(self.run_store.snapshot(out, m), k)
+                    save_checkpoint(path, net, {**meta, "snapshot": m})
+                    snaps.append(predict_proba(net, val, amp=configs[0].amp))
+            snap_proba = np.stack(snaps) if snaps else np.empty((0, *proba.shape))
+            fold = FoldRecord(va, proba, snap_proba, result.history, result.best_epoch)
+            self.run_store.write_fold(out, k, fold)
+            return fold
+
+        train = self.rows.subset(tr)  # this fold's training rows: their channel statistics
+        ckpt = self.run_store.checkpoint(out, k)
+        return self._train(
+            k, train, val, (model_hp, *configs), ckpt, ref, seed_label, report, record
+        )
+
+    def _train(
+        self,
+        k: int,
+        train: Rows,
+        val: Rows | None,
+        hparams: tuple[dict[str, Any], TrainConfig, AugmentConfig],
+        ckpt: Path,
+        ref: RunRef,
+        seed_label: int | str,
+        report: Report | None,
+        finish: Callable[[Classifier, FitResult, dict[str, Any]], T],
+    ) -> T:
+        """Train one network as fold `k` of run `ref`: seeded, normalised by `train`'s channel
+        statistics, fit, its checkpoint written at `ckpt`; then `finish(net, fit result,
+        checkpoint meta)` writes what else the run keeps. Told as events: FoldStarted, each
+        epoch, CheckpointWritten, then FoldEnded (COMPLETE, or the state that stopped it)."""
+        model_hp, train_cfg, augment = hparams
         gen = seed_everything(derive_seed(self.cfg.seed, self.model, seed_label, k))
-        train, val = self.rows.subset(tr), self.rows.subset(va)
-        mean, std = train.channel_stats()  # this fold's training rows only
+        mean, std = train.channel_stats()
         trim_memory()  # its float chunks, and the last fold's inference: given back first
         net = create_model(
             self.arch, self.data.num_classes, self.data.in_shape, mean, std, **model_hp
@@ -208,32 +247,22 @@ class CrossValidator:
                 net,
                 train,
                 val,
-                configs[0],
-                augment=configs[1],
+                train_cfg,
+                augment=augment,
                 generator=gen,
                 on_epoch=on_epoch,
                 should_stop=self.should_stop,
             )
             meta = self._meta(model_hp, ref, k)
-            ckpt = save_checkpoint(self.run_store.checkpoint(out, k), net, meta)
-            digest, size = file_digest(ckpt)
-            self.events.emit(CheckpointWritten(ref, k, ckpt.resolve().as_uri(), digest, size))
-            proba = predict_proba(net, val, amp=configs[0].amp)
-            snaps = []
-            if len(result.snapshots) > 1:  # one cycle is the run itself: no snapshot ensemble
-                for m, state in enumerate(result.snapshots):
-                    net.load_state_dict(state)
-                    path = self.run_store.checkpoint(self.run_store.snapshot(out, m), k)
-                    save_checkpoint(path, net, {**meta, "snapshot": m})
-                    snaps.append(predict_proba(net, val, amp=configs[0].amp))
-            snap_proba = np.stack(snaps) if snaps else np.empty((0, *proba.shape))
-            record = FoldRecord(va, proba, snap_proba, result.history, result.best_epoch)
-            self.run_store.write_fold(out, k, record)
+            path = save_checkpoint(ckpt, net, meta)
+            digest, size = file_digest(path)
+            self.events.emit(CheckpointWritten(ref, k, path.resolve().as_uri(), digest, size))
+            done = finish(net, result, meta)
         except BaseException as e:
             self.events.emit(FoldEnded(ref, k, run_state(e)))
             raise
         self.events.emit(FoldEnded(ref, k, "COMPLETE", best_epoch=result.best_epoch))
-        return record
+        return done
 
     def _meta(self, model_hp: dict[str, Any], ref: RunRef, fold: int) -> dict[str, Any]:
         """What a checkpoint records beside its weights (what rebuilds the network)."""
@@ -255,37 +284,12 @@ class CrossValidator:
         the last epoch's weights (search/followups.py sets its epochs). Writes `model.pt` and
         history.json in `out`; returns the per-epoch history. Told as one fold (fold 0), so
         tracking records it as it records a fold; a retry trains it again from the start."""
-        model_hp, train_cfg, augment = split_hparams(self.cfg, self.model, hp)
-        gen = seed_everything(derive_seed(self.cfg.seed, self.model, seed_label, 0))
-        mean, std = self.rows.channel_stats()  # every training row's
-        trim_memory()
-        net = create_model(
-            self.arch, self.data.num_classes, self.data.in_shape, mean, std, **model_hp
-        ).to(self.device)
-        self.events.emit(FoldStarted(ref, 0))
 
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            self.events.emit(EpochEnded(ref, 0, epoch, metrics))
+        def history(net: Classifier, result: FitResult, meta: dict[str, Any]) -> list[dict]:
+            text = json.dumps([result.history]).encode()
+            atomic_write(self.run_store.history(out), lambda f: f.write(text))
+            return result.history
 
-        try:
-            result = fit(
-                net,
-                self.rows,
-                None,
-                train_cfg,
-                augment=augment,
-                generator=gen,
-                on_epoch=on_epoch,
-                should_stop=self.should_stop,
-            )
-            path = self.run_store.refit_checkpoint(out)
-            ckpt = save_checkpoint(path, net, self._meta(model_hp, ref, 0))
-            digest, size = file_digest(ckpt)
-            self.events.emit(CheckpointWritten(ref, 0, ckpt.resolve().as_uri(), digest, size))
-            history = json.dumps([result.history]).encode()
-            atomic_write(self.run_store.history(out), lambda f: f.write(history))
-        except BaseException as e:
-            self.events.emit(FoldEnded(ref, 0, run_state(e)))
-            raise
-        self.events.emit(FoldEnded(ref, 0, "COMPLETE", best_epoch=result.best_epoch))
-        return result.history
+        hparams = split_hparams(self.cfg, self.model, hp)
+        ckpt = self.run_store.refit_checkpoint(out)
+        return self._train(0, self.rows, None, hparams, ckpt, ref, seed_label, None, history)

@@ -202,9 +202,19 @@ def paired_bootstrap(
         stats["log_loss"] = _row_log_loss(proba_a, labels, "proba_a") - _row_log_loss(
             proba_b, labels, "proba_b"
         )
-    d = np.stack(list(stats.values()))  # (stats, rows): per-row differences A − B
+    return {"n_boot": n_boot, "seed": seed, **_intervals(stats, n_boot, seed)}
+
+
+def _intervals(
+    stats: dict[str, NDArray[np.float64]], n_boot: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """Each statistic's per-row differences (rows,) as {"diff", "ci_low", "ci_high"}: the mean
+    and its 95 % percentile interval, all statistics on the same `n_boot` row resamples."""
+    d = np.stack([np.asarray(v, dtype=np.float64) for v in stats.values()])  # (stats, rows)
+    if d.shape[1] == 0 or n_boot < 1:
+        raise ValueError(f"need >= 1 row and n_boot >= 1, but got {d.shape[1]} rows, {n_boot=}")
     boot = _bootstrap_means(d, n_boot, seed)
-    out: dict[str, Any] = {"n_boot": n_boot, "seed": seed}
+    out = {}
     for name, row, dist in zip(stats, d, boot, strict=True):
         lo, hi = np.percentile(dist, CI)
         out[name] = {"diff": float(row.mean()), "ci_low": float(lo), "ci_high": float(hi)}
@@ -214,11 +224,7 @@ def paired_bootstrap(
 def interval(d: ArrayLike, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """The mean of per-row differences `d` (rows,) with its 95 % bootstrap percentile interval:
     {"diff", "ci_low", "ci_high"}."""
-    rows = np.asarray(d, dtype=np.float64)[None]
-    if rows.shape[1] == 0 or n_boot < 1:
-        raise ValueError(f"need >= 1 row and n_boot >= 1, but got {rows.shape[1]} rows, {n_boot=}")
-    lo, hi = np.percentile(_bootstrap_means(rows, n_boot, seed)[0], CI)
-    return {"diff": float(rows.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+    return _intervals({"d": np.asarray(d, dtype=np.float64)}, n_boot, seed)["d"]
 
 
 def paired_against_many(
@@ -249,10 +255,7 @@ def paired_against_many(
         "accuracy": (a == labels) - b_correct,
         "log_loss": _row_log_loss(proba_a, labels, "proba_a") - b_loss,
     }
-    out: dict[str, Any] = {"n_boot": n_boot, "seed": seed}
-    for name, rows in d.items():  # the same resamples for both: one seed
-        out[name] = interval(rows, n_boot, seed)
-    return out
+    return {"n_boot": n_boot, "seed": seed, **_intervals(d, n_boot, seed)}
 
 
 def mcnemar(y: ArrayLike, pred_a: ArrayLike, pred_b: ArrayLike) -> dict[str, Any]:

@@ -17,11 +17,12 @@ command; `RunStore.count_test_look` appends it to the study's one log (test_eval
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FORMAT = 2  # results.json's layout; a stored result of another layout is evaluated anew
 
@@ -262,7 +263,7 @@ class TestLook(_Record):
 
     __test__ = False  # not a pytest class
 
-    time: str  # ISO 8601, local time
+    time: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))  # local, ISO
     command: str  # "ensemble", "export", "export --quantize", "predict", ...
     what: str  # what was scored: "the final model", "member cnn/trial-3", "the int8 graph"
     rows: int  # test rows scored

@@ -8,7 +8,7 @@ or a registered model's alias or version (`models:/<name>@champion`, `models:/<n
 
 Every score these commands compute on rows of the held-out test split is a look at it, counted
 in the study's one log (`RunStore.count_test_look`) and said with the count so far: export's
-check of the graph, both graphs' scores under --quantize, and predict's accuracy where the
+score of the graph, the int8 graph's under --quantize, and predict's accuracy where the
 labelled files include test rows (found by their pixels: workbench/predict.py).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -96,7 +95,6 @@ def scored(model: str | None, member: str | None) -> str:
 def count_look(cfg: StudyConfig, command: str, what: str, rows: int, accuracy: float | None) -> int:
     """Count one look at the test split in the study's log; how many there have been."""
     look = TestLook(
-        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
         command=command,
         what=what,
         rows=rows,

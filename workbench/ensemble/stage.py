@@ -48,6 +48,7 @@ from workbench.results import (
     OofScores,
     Reliability,
     Rule,
+    Scores,
     TestLook,
     TestProbas,
 )
@@ -165,7 +166,6 @@ def run_ensemble(
     probas = predict(best)  # 2) the one look at the test split
     looks = store.count_test_look(
         TestLook(
-            time=time.strftime("%Y-%m-%dT%H:%M:%S"),
             command="ensemble",
             what=f"{len(members)} members, {len(fitted)} methods and the final model",
             rows=len(test.y),
@@ -175,6 +175,10 @@ def run_ensemble(
     member_costs = costs() if costs else {}
     ladder_in = Scored(test.y, probas, best, cfg.bootstrap, seed)
     oof = {n: evaluate.scores(c.predict_proba(P), y_train) for n, c in fitted.items()}
+    # every combiner and the final rule are scored once, as rungs; their records reuse that
+    rungs = {
+        r.name: r for r in ladder(ladder_in, members, fitted, choice, final, member_costs, refits)
+    }
     result = EnsembleResult(
         fingerprint=key,
         split_fingerprint=test.split_fingerprint,
@@ -205,15 +209,13 @@ def run_ensemble(
                 weights=[float(w) for w in comb.weights_],
                 oof=OofScores(**oof[name]),
                 oof_cv=OofScores(**evaluate.scores(cv_proba[name], y_train)),
-                test=scores(
-                    comb.predict_proba(probas.members), test.y, comb.predict(probas.members)
-                ),
+                test=rungs[name].test,
             )
             for name, comb in fitted.items()
         },
         choice=choice,
-        final=_final(ladder_in, choice.shipped, final),
-        ladder=ladder(ladder_in, members, fitted, choice, final, member_costs, refits),
+        final=_final(ladder_in, choice.shipped, final, rungs["final"].test),
+        ladder=list(rungs.values()),
         disagreement=Disagreement(
             members=[m.name for m in members],
             matrix=evaluate.disagreement(probas.members).tolist(),
@@ -225,13 +227,15 @@ def run_ensemble(
     return result
 
 
-def _final(s: Scored, shipped: str, final: Any) -> FinalResult:
+def _final(s: Scored, shipped: str, final: Any, test: Scores) -> FinalResult:
+    """What ships: its rule, its test scores (the ladder's final rung), its comparison with the
+    bag and its reliability bins."""
     proba, pred = final.predict_proba(s.probas.members), final.predict(s.probas.members)
     bag = s.probas.members[s.best]
     return FinalResult(
         method=shipped,
         rule=Rule(**combiner_state(final)),
-        test=scores(proba, s.y, pred),
+        test=test,
         vs_bag=s.paired(proba, pred, bag, "k-fold bag"),
         reliability=Reliability(**evaluate.reliability(proba, s.y, pred=pred)),
         bag_reliability=Reliability(**evaluate.reliability(bag, s.y)),

@@ -4,14 +4,14 @@ hyperparameter importance (for the console, the ensemble stage and the report).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from workbench.config import StudyConfig
 from workbench.search.followups import completed
@@ -82,22 +82,24 @@ class TrialRecord:
     duration_s: float | None
 
 
+def _record(cfg: StudyConfig, model: str, t: FrozenTrial) -> TrialRecord:
+    """A completed trial (of the search, or a follow-up run) as the later stages see it."""
+    return TrialRecord(
+        model,
+        t.number,
+        float(t.value or 0.0),
+        dict(t.params),
+        dict(t.user_attrs),
+        cfg.out / t.user_attrs["dir"],
+        t.duration.total_seconds() if t.duration else None,
+    )
+
+
 def completed_trials(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[TrialRecord]:
     """Completed trials of one model study, best first."""
     study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    records = [
-        TrialRecord(
-            model,
-            t.number,
-            float(t.value or 0.0),
-            dict(t.params),
-            dict(t.user_attrs),
-            cfg.out / t.user_attrs["dir"],
-            t.duration.total_seconds() if t.duration else None,
-        )
-        for t in trials
-    ]
+    records = [_record(cfg, model, t) for t in trials]
     return sorted(records, key=lambda r: r.value, reverse=DIRECTIONS[cfg.cv.metric] == "maximize")
 
 
@@ -107,16 +109,8 @@ def followup_record(
     """The completed `kind` follow-up run (search/followups.py) of trial `of`'s configuration
     (its number and CV value are the configuration's), or None while there is none."""
     run = completed(cfg, model, storage, of.number, kind)
-    if run is None:
-        return None
-    return TrialRecord(
-        model,
-        of.number,
-        of.value,
-        dict(run.params),
-        dict(run.user_attrs),
-        cfg.out / run.user_attrs["dir"],
-        run.duration.total_seconds() if run.duration else None,
+    return (
+        None if run is None else replace(_record(cfg, model, run), number=of.number, value=of.value)
     )
 
 
