@@ -11,7 +11,7 @@ WORKERS ?=
 ARGS := $(if $(DATA),--data $(DATA)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS))
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: help install system-deps study check ensemble report ui test test-all lint format bench clean
+.PHONY: help install system-deps study check ensemble report ui dashboard test test-all lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,10 +48,14 @@ report: install ## rewrite reports/<study>.html from the stored results of STUDY
 
 UI_PORT ?= 5000
 ui: install ## the MLflow UI on the default store (runs/mlflow), at http://127.0.0.1:5000
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)"
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT) (a study's own page, on its runs: the 'MLflow:' line make study printed)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 \
 		--port $(UI_PORT) --workers 1 --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow/mlflow.db \
 		--default-artifact-root file://$(CURDIR)/runs/mlflow/artifacts --no-serve-artifacts
+
+DASHBOARD_PORT ?= 8080
+dashboard: install ## optuna-dashboard on STUDY's storage (SQLite, or its PostgreSQL URL) at http://127.0.0.1:8080
+	$(BIN)/workbench dashboard $(STUDY) --port $(DASHBOARD_PORT)
 
 test: install system-deps ## the test suite without the slow end-to-end runs (< 15 min here)
 	$(BIN)/pytest -m "not slow" -q

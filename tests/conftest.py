@@ -95,6 +95,16 @@ def tree(folder: Path) -> dict[str, str]:
     }
 
 
+def searched_tiny(tmp: Path) -> Path:
+    """The tiny study in `tmp`, searched by 2 workers with its ensemble stage off (a test then
+    runs the stage as it needs); the study file's path."""
+    file = tmp / "tiny.toml"
+    file.write_text(TINY.format(out=tmp / "runs") + "[ensemble]\nenabled = false\n")
+    ran = run_cli("study", str(file), "--workers", "2", cwd=tmp, timeout=400)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    return file
+
+
 @pytest.fixture
 def tiny_file(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
@@ -105,6 +115,37 @@ def tiny_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_cfg(tiny_file: Path) -> StudyConfig:
     return load_study(tiny_file)
+
+
+@contextmanager
+def small_disk(folder: Path, size: int) -> Iterator[Path]:
+    """A real small disk: a tmpfs of `size` bytes mounted at `folder` (made if missing), so that
+    the free space workbench reads is the kernel's answer; unmounted at the end. Mounting needs
+    root, as CI has: elsewhere the test fails saying so (not a skip: CI must run it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(
+            f"cannot mount a {size}-byte tmpfs at {folder}: {done.stderr.strip()}; the disk-space "
+            f"tests need root (CI runs as root)"
+        )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True, timeout=60)
+
+
+def wait_held(go: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> int:
+    """Wait until the worker `proc`, started with WORKBENCH_TEST_HOLD = "<run>/<fold>:<go>",
+    waits at its hold (workbench.runtime.hold_point): it wrote <go>.held, and stays there until
+    <go> exists. Returns the pid it wrote; fails with the log's tail if `proc` ends first."""
+    held, end = go.with_name(go.name + ".held"), time.monotonic() + timeout
+    while not held.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            pytest.fail(f"the worker never reached its hold:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    return int(held.read_text())
 
 
 # --- real servers on loopback: PostgreSQL, MLflow -------------------------------------------------

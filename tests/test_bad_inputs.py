@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLI_ENV, TINY, free_port, run_cli, tree
+from conftest import CLI_ENV, TINY, free_port, run_cli, small_disk, tree
 from PIL import Image
 
 # Placeholders in snippets, args and fragments: @TMP is the test's folder, @PORT a closed port,
@@ -44,6 +45,7 @@ class Case:
     hidden: str = ""  # must NOT appear (a password)
     names_file: bool = True  # the study file's path is in the message
     known_bug: str = ""  # a strict xfail: the product does not yet do this; says what it does
+    disk: int = 0  # bytes: the output folder's parent (@TMP/runs) is a tmpfs of this size
 
 
 CASES: dict[str, Case] = {
@@ -232,6 +234,80 @@ CASES: dict[str, Case] = {
         setup=lambda t: photos(t / "photos", {"a": 6}),
         names_file=False,  # it names the key, folder or option instead
     ),
+    "space-range-to-inf": Case(
+        (
+            "models.mlp.space.lr.high: inf is not a finite number; give a number (TOML's inf "
+            "and nan are refused)",
+        ),
+        replace=(
+            (
+                "lr = { low = 1e-3, high = 3e-2, log = true }",
+                "lr = { low = 1e-4, high = inf, log = true }",
+            ),
+        ),
+    ),
+    "choice-nan": Case(
+        ("models.mlp.space.dropout.choices.1: nan is not a finite number",),
+        replace=(("dropout = { low = 0.0, high = 0.3 }", "dropout = { choices = [0.1, nan] }"),),
+    ),
+    "train-key-minus-inf": Case(
+        ("train.weight_decay: -inf is not a finite number",),
+        replace=(("[train]\n", "[train]\nweight_decay = -inf\n"),),
+    ),
+    "data-path-is-a-file": Case(
+        (
+            "data.path '@TMP/plain.txt' is a file, but data.source = 'folder' reads a folder "
+            "with one subfolder of images per class; point data.path (or --data) at that folder",
+        ),
+        extra='[data]\nsource = "folder"\npath = "@TMP/plain.txt"\n',
+        setup=lambda t: (t / "plain.txt").write_text("not a folder\n"),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "folder-without-class-folders": Case(
+        (
+            "image folder @TMP/photos/a holds 6 image file(s) but no class subfolders; "
+            "data.source = 'folder' reads one subfolder of images per class "
+            "(@TMP/photos/a/<class>/<image>)",
+        ),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos/a"\n',
+        setup=lambda t: photos(t / "photos", {"a": 6}),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "output-dir-cannot-be-created": Case(
+        (
+            "@FILE: output_dir = '/proc/nope': the output folder /proc/nope/tiny cannot be "
+            "created or written: /proc refuses new folders (No such file or directory); set "
+            "output_dir to a writable folder",
+        ),
+        replace=(("@TMP/runs", "/proc/nope"),),
+    ),
+    "store-larger-than-the-disk": Case(
+        (
+            "the image store of data.path @TMP/photos is 9.4 MB (12 images x 3 channel(s) x 512 "
+            "x 512 pixels, one byte each) and needs 18.9 MB while its photos are decoded, but "
+            "the disk of @TMP/runs/tiny/images has",
+            "lower data.image_size (now 512 x 512), use a subset of the images, or set "
+            "output_dir to a folder on a disk with more room",
+        ),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\nimage_size = 512\n',
+        setup=lambda t: photos(t / "photos", {"a": 6, "b": 6}),
+        names_file=False,  # it names the key, folder or option instead
+        disk=24 * 2**20,  # 24 MiB: room for the reserve (16 MiB) and a few MB, not 18.9
+    ),
+    "predict-table-not-csv-or-parquet": Case(
+        (
+            "--out @TMP/predictions.xlsx: the name must end in .csv or .parquet (the formats "
+            "it writes); got '.xlsx'",
+        ),
+        args=("predict", "@FILE", "@TMP/x.png", "--out", "@TMP/predictions.xlsx"),
+        names_file=False,  # it names the key, folder or option instead
+    ),
+    "predict-table-is-a-folder": Case(
+        ("--out @TMP/table.csv is a folder; name a file, in it or elsewhere",),
+        args=("predict", "@FILE", "@TMP/x.png", "--out", "@TMP/table.csv"),
+        setup=lambda t: (t / "table.csv").mkdir(),
+        names_file=False,  # it names the key, folder or option instead
+    ),
     "study-file-missing": Case(
         ("@TMP/nope.toml: study file not found",),
         args=("study", "@TMP/nope.toml"),
@@ -283,32 +359,34 @@ def run_case(case: Case, tmp: Path) -> Ran:
         text = text.replace(old, sub(new, tmp, port, file))
     file.write_text(sub(case.top + "\n" + text + "\n" + case.extra, tmp, port, file))
     runs = tmp / "runs"
-    (runs / "tiny").mkdir(parents=True)
-    (runs / "tiny" / "notes.txt").write_text("left from an earlier run\n")
-    if case.setup:
-        case.setup(tmp)
-    before = tree(runs)
-    result = run_cli(
-        *(sub(a, tmp, port, file) for a in case.args), cwd=tmp, env={**CLI_ENV, **case.env}
-    )
-    return Ran(result, file, tmp, port, before, tree(runs))
+    with small_disk(runs, case.disk) if case.disk else nullcontext(runs):
+        (runs / "tiny").mkdir(parents=True)
+        (runs / "tiny" / "notes.txt").write_text("left from an earlier run\n")
+        if case.setup:
+            case.setup(tmp)
+        before = tree(runs)
+        result = run_cli(
+            *(sub(a, tmp, port, file) for a in case.args), cwd=tmp, env={**CLI_ENV, **case.env}
+        )
+        return Ran(result, file, tmp, port, before, tree(runs))
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ran]:
+def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[Ran]]:
     """Every case, run three at a time: each is a fresh interpreter (~5 s, mostly imports and
-    the 3 s connection timeouts), so the table takes ~1 min on 2 cores instead of ~2.5."""
+    the 3 s connection timeouts), so the table takes ~1 min on 2 cores instead of ~2.5. A case
+    that cannot be set up (a tmpfs without root) fails its own test, not the table's."""
     root = tmp_path_factory.mktemp("bad-inputs")
     with ThreadPoolExecutor(3) as pool:
         futures = {name: pool.submit(run_case, case, root / name) for name, case in CASES.items()}
-    return {name: f.result() for name, f in futures.items()}
+    return futures
 
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_a_bad_input_is_exit_2_one_clear_message_and_changes_nothing(
-    ran: dict[str, Ran], name: str
+    ran: dict[str, Future[Ran]], name: str
 ) -> None:
-    case, r = CASES[name], ran[name]
+    case, r = CASES[name], ran[name].result()
     output = r.result.stdout + r.result.stderr
     assert r.result.returncode == 2, output
     assert "Traceback" not in output

@@ -177,3 +177,31 @@ def test_resume_key_ignores_trial_counts_but_not_the_space(tmp_path: Path) -> No
     assert resume_key(a) != resume_key(c)
     assert fingerprint(resolved(a)) != fingerprint(resolved(b))  # the full config does differ
     assert StudyConfig.model_validate(resolved(a)) == a  # the resolved dump round-trips
+
+
+# every number read from a study file is finite: TOML's inf, -inf and nan are refused at load,
+# named by their key path, wherever they stand (a key, a range's end, a choice, a fixed value)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize(
+    ("snippet", "where"),
+    [
+        ("[train]\nlr = {v}\n", "train.lr"),
+        ("[data.augment]\nrotation = {v}\n", "data.augment.rotation"),
+        ("[models.cnn.space]\nlr = {{ low = 1e-4, high = {v} }}\n", "models.cnn.space.lr.high"),
+        ("[models.cnn.space]\nlr = {{ low = {v}, high = 1.0 }}\n", "models.cnn.space.lr.low"),
+        ("[models.cnn.space]\nlr = {{ choices = [0.1, {v}] }}\n", "models.cnn.space.lr.choices.1"),
+        ("[models.cnn]\nparams = {{ dropout = {v} }}\n", "models.cnn.params.dropout"),
+        ("[search]\npercentile = {v}\n", "search.percentile"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_refused_naming_its_key(
+    tmp_path: Path, snippet: str, where: str, value: str
+) -> None:
+    models = "" if "[models.cnn" in snippet else "[models.cnn]\n"  # a study needs a model
+    path = write(tmp_path, f'name = "t"\n{snippet.format(v=value)}{models}')
+    with pytest.raises(ConfigError) as e:
+        load_study(path)
+    assert str(e.value) == (
+        f"{path}: 1 error(s) in the study file\n  {where}: {float(value)!r} is not a finite "
+        f"number; give a number (TOML's inf and nan are refused)"
+    )

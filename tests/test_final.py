@@ -97,12 +97,12 @@ def test_hard_vote_shares_by_hand() -> None:
     assert model.predict(np.zeros((6, 1, 2, 2), np.float32))[3] == 2
 
 
-def small_ensemble(vote: str, temperature: float | None) -> FinalEnsemble:
+def small_ensemble(vote: str, temperature: float | None, width: int = 16) -> FinalEnsemble:
     """Two members of two seeded mlp fold models each, on 8x8 one-channel images."""
     members = []
     for seed in range(4):
         torch.manual_seed(seed)
-        members.append(create_model("mlp", 10, (1, 8, 8), [0.3], [0.2], width=16).eval())
+        members.append(create_model("mlp", 10, (1, 8, 8), [0.3], [0.2], width=width).eval())
     state = {"vote": vote, "weights": [0.7, 0.3], "temperature": temperature}
     classes = [str(d) for d in range(10)]
     return FinalEnsemble([members[:2], members[2:]], ["m0", "m1"], state, classes, (1, 8, 8))
@@ -226,3 +226,29 @@ def test_any_candidate_alone_from_its_checkpoints(tmp_path: Path) -> None:
     alone = model.member("left-out", {"left-out": paths})
     np.testing.assert_allclose(alone.predict_proba(x), expected, atol=1e-12)
     assert alone.classes == model.classes and alone.names == ["left-out"]
+
+
+def test_a_graph_over_the_size_limit_keeps_its_weights_beside_it(tmp_path: Path) -> None:
+    """The external-data path, forced by a limit of 1 KB: the graph file holds no weights, the
+    data file holds them all, onnxruntime runs the pair (also moved to another folder) with the
+    module's labels, and the int8 copy is written the same way."""
+    model = small_ensemble("soft", 0.7, width=512)  # 1.2 M parameters: 4.8 MB
+    x = np.random.default_rng(1).random((64, 1, 8, 8), dtype=np.float32)
+    weights = sum(p.numel() * 4 for p in model.parameters())  # float32 bytes
+    path = tmp_path / "m.onnx"
+    checked = graph.export_onnx(model, path, x, external_above=1000)
+    data = tmp_path / "m.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.stat().st_size < 0.5 * weights <= data.stat().st_size
+    assert checked.bytes == path.stat().st_size + data.stat().st_size
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for p in (path, data):
+        p.rename(moved / p.name)
+    sess = ort.InferenceSession(str(moved / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"images": x})[1], model.predict(x))
+    q = graph.quantize(moved / "m.onnx", moved / "m.int8.onnx", x)
+    assert (moved / "m.int8.onnx.data").exists() and q["changed"] <= 64
+    # under the limit, a graph is one file again, and the stale data file goes
+    graph.export_onnx(model, moved / "m.onnx", x)
+    assert not (moved / "m.onnx.data").exists()

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import CLI_ENV, TINY, mlflow_server, run_cli
+from conftest import CLI_ENV, TINY, mlflow_server, run_cli, wait_held
 from mlflow import MlflowClient
 
 from workbench import search
 from workbench.config import load_study
+from workbench.runtime import HOLD
 from workbench.tracking import Tracker
 
 STUDY = (
@@ -112,7 +113,6 @@ KILLED = (
     TINY.format(out="runs")
     .replace('name = "tiny"', 'name = "killed"')  # its own MLflow experiment on the shared server
     .replace("folds = 3", "folds = 5")
-    .replace("epochs = 2", "epochs = 20")  # ~1 s a fold: room to stop B between folds
     .replace("trials = 3", 'trials = 1\nheartbeat = 1\npruner = "none"')
     .replace("[tracking]\nenabled = false", '[tracking]\nenabled = true\nartifacts = "mlflow"')
 )
@@ -142,25 +142,25 @@ def test_a_trial_killed_on_one_host_resumes_on_another_from_the_folds_it_finishe
     def uploaded() -> set[str]:  # what host B has sent of the trial's folder so far
         return {Path(f.path).name for f in client.list_artifacts(study_run, "trials/mlp/0000")}
 
-    # host B trains the one trial; it is frozen as its fourth fold starts, then killed
+    # host B trains the one trial; it waits as its fourth fold would start, and is killed there
     on_b = hosts["b"] / "runs" / "killed" / "trials" / "mlp" / "0000"
-    with (hosts["b"] / "worker.log").open("w") as log:
+    go, log = tmp_path / "go", hosts["b"] / "worker.log"  # `go` is never made: B waits
+    with log.open("w") as sink:
         b = subprocess.Popen(
             [sys.executable, "-m", "workbench", "worker", "killed.toml", "--index", "1"],
             cwd=hosts["b"],
-            env=env,
+            env={**env, HOLD: f"0/3:{go}"},  # before fold 3 (the fourth) of trial 0
             stdin=subprocess.DEVNULL,
-            stdout=log,
+            stdout=sink,
             stderr=subprocess.STDOUT,
         )
     try:
+        wait_held(go, b, log)
         deadline = time.monotonic() + 180
-        while not (on_b / "fold-2.npz").exists() or "fold-2.npz" not in uploaded():
-            assert b.poll() is None, (hosts["b"] / "worker.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "host B never finished its third fold"
-            time.sleep(0.02)
-        os.kill(b.pid, signal.SIGSTOP)  # its third fold is in MLflow (uploads run beside it)
-        assert not (on_b / "fold-3.npz").exists()
+        while "fold-2.npz" not in uploaded():  # uploads run beside the held worker
+            assert time.monotonic() < deadline, "host B never uploaded its third fold"
+            time.sleep(0.1)
+        assert (on_b / "fold-2.npz").exists() and not (on_b / "fold-3.npz").exists()
         digests = {k: sha256(on_b / f"fold-{k}.pt") for k in range(3)}
         os.kill(b.pid, signal.SIGKILL)
         assert b.wait(timeout=30) == -signal.SIGKILL

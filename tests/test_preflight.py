@@ -96,6 +96,8 @@ def test_check_prints_the_plan_of_the_digits_study(tmp_path: Path) -> None:
     assert pairs["rows"] == str(n)
     assert pairs["classes"].startswith("10 (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)")
     assert pairs["image shape"].startswith("1 x 8 x 8")
+    assert pairs["image store"].startswith(f"{n * 8 * 8 / 1000:.1f} kB ({n} x 1 x 8 x 8 bytes); ")
+    assert pairs["image store"].endswith(" free on its disk")
     assert pairs["test rows"].startswith(f"{n_test} ")
     assert pairs["training rows"].startswith(f"{n_train} ")
     lo, hi = n_train // folds, -(-n_train // folds)

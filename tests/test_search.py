@@ -155,6 +155,22 @@ def test_a_changed_study_file_is_refused_on_resume(tiny_file: Path) -> None:
         search.create_studies(changed, search.open_storage(changed))
 
 
+def test_ensemble_and_distill_keys_may_change_on_resume_and_a_new_key_is_named(
+    tiny_file: Path,
+) -> None:
+    """What only the ensemble stage reads ([ensemble], [distill]) may change between runs; a key
+    that one side lacks, even one whose value is None, is named rather than "(structure)"."""
+    cfg = load_study(tiny_file)
+    storage = search.open_storage(cfg)
+    search.create_studies(cfg, storage)
+    text = tiny_file.read_text()
+    tiny_file.write_text(text + '[ensemble]\ntta = ["hflip"]\n[distill]\nmodel = "mlp"\n')
+    search.create_studies(load_study(tiny_file), storage)  # resumes: no error
+    from workbench.search.storage import _diff
+
+    assert _diff({"a": 1}, {"a": 1, "b": None}) == ["b (absent -> None)"]
+
+
 def test_a_storage_that_cannot_connect_gets_one_clear_line(
     tiny_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -552,3 +552,91 @@ def test_a_trial_that_raises_ends_its_runs_failed_and_the_next_trial_runs(
     for t in trials[2:]:
         run_ = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run_.info.status == RUN_STATUS[t.state.name]
+
+
+# --- what the UI opens on and draws, without a server (tests/test_ui.py: with one) -------------
+
+
+def test_a_resumed_search_adds_only_its_new_points_and_the_best_tag_moves(
+    tmp_path: Path, tiny_file: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from workbench.tracking import TrialScore
+
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    tiny_file.write_text(
+        tiny_file.read_text().replace("enabled = false", f'enabled = true\nuri = "{store}"')
+    )
+    tracker, client = Tracker(load_study(tiny_file)), MlflowClient(store)
+    study = tracker.study_run("mlp", create=True)
+    runs = [tracker.start_trial("mlp", n, {"lr": 0.1 * (n + 1)}) for n in range(3)]
+    # trials 0 and 2 complete (1 was pruned); 2 is better. Written out, not derived.
+    first = [TrialScore(0, 0.80, 0.02, 0.80, runs[0], True)]
+    later = [TrialScore(0, 0.80, 0.02, 0.80, runs[0], False)]
+    later.append(TrialScore(2, 0.90, math.nan, 0.90, runs[2], True))  # no std recorded
+    tracker.end_study("mlp", {}, history=first)
+    tracker.study_run("mlp", create=True)  # the resume
+    tracker.end_study("mlp", {}, history=later)
+    tracker.end_study("mlp", {}, history=later)  # nothing new: nothing logged
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(study, key)]
+
+    assert history("history/cv_accuracy") == [(0, 0.80), (2, 0.90)]
+    assert history("history/best_cv_accuracy") == [(0, 0.80), (2, 0.90)]
+    assert history("history/cv_accuracy_std") == [(0, 0.02)]
+    best = {r: client.get_run(r).data.tags.get("workbench.best") for r in runs}
+    assert best == {runs[0]: None, runs[1]: None, runs[2]: "true"}
+
+
+def test_the_experiment_gets_its_kind_once_and_the_line_says_where_it_is(
+    tmp_path: Path, tiny_file: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(store)
+    old = client.create_experiment("tiny")  # made before workbench set the kind
+    tiny_file.write_text(
+        "# What this study is for.\n#   Wrapped.\n"
+        + tiny_file.read_text().replace("enabled = false", f'enabled = true\nuri = "{store}"')
+    )
+    tracker = Tracker(load_study(tiny_file))
+    assert tracker.experiment_id() == old
+    tracker.describe(tiny_file)
+    tags = client.get_experiment(old).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.note.content"].startswith("What this study is for. Wrapped.\n")
+    assert tracker.where() == (
+        f"MLflow: experiment 'tiny' in {store}; `make ui` serves the default store "
+        f"(runs/mlflow): http://127.0.0.1:5000/#/experiments/{old}?workflowType=machine_learning"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "uri"),
+    [
+        ("digits (1797 images)", "digits", "sklearn.datasets.load_digits"),
+        ("idx:/data/mnist (10000 images)", "mnist", "file:///data/mnist"),
+        ("torchvision:CIFAR10:/data/root (60000 images)", "CIFAR10", "file:///data/root"),
+        ("folder:/data/photos (40 images)", "photos", "file:///data/photos"),
+    ],
+)
+def test_the_dataset_input_names_the_source(source: str, name: str, uri: str) -> None:
+    import torch
+
+    from workbench.data import ImageData, Split
+    from workbench.tracking import DataRef
+
+    data = ImageData(torch.zeros(5, 3, 4, 6, dtype=torch.uint8), torch.zeros(5), ("a", "b"), source)
+    split = Split(np.arange(4), np.arange(4, 5), "0123456789ab", "stratified")
+    ref = DataRef.of(data, split)
+    assert (ref.name, ref.source, ref.digest) == (name, uri, "0123456789ab")
+    assert (ref.rows, ref.image, ref.classes, ref.train_rows, ref.test_rows) == (
+        5,
+        (3, 4, 6),
+        2,
+        4,
+        1,
+    )

@@ -59,7 +59,8 @@ def done(tmp_path_factory: pytest.TempPathFactory) -> Done:
     text = TINY.format(out=tmp / "runs").replace(
         "[tracking]\nenabled = false",
         f'[tracking]\nenabled = true\nuri = "{store}"\nregister_as = "{NAME}"\n'
-        '[ensemble]\nmethods = ["hard_voting"]\ntemperature = true\nship = "ensemble"',
+        '[ensemble]\nmethods = ["hard_voting"]\ntemperature = true\nship = "ensemble"\n'
+        '[distill]\nmodel = "mlp"\nparams = { epochs = 1 }',
     )
     study = tmp / "tiny.toml"
     study.write_text(text)
@@ -164,6 +165,28 @@ def test_the_registered_model_in_a_fresh_process_gives_the_scored_labels(done: D
     for needed in ("torch", "numpy", "pillow", "mlflow", "pandas", "pydantic"):
         assert needed in reqs, reqs
     assert "optuna" not in reqs and "torchvision" not in reqs, reqs
+
+
+def test_the_student_is_registered_beside_the_ensemble_and_predicts_alone(done: Done) -> None:
+    """`[distill]`: the student is its own MLflow model, registered with alias `student`; in a
+    fresh process it gives the labels of its one network (run here by torch from its file)."""
+    import torch
+
+    from workbench.train import load_model
+
+    np.save(done.tmp / "pixels.npy", done.pixels)
+    ran = subprocess.run(
+        [sys.executable, "-c", LOAD, f"models:/{NAME}@student", "pixels.npy", "student.csv"],
+        cwd=done.tmp, env=done.env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    got = labels(done, pd.read_csv(done.tmp / "student.csv", dtype={"label": str})["label"])
+    net = load_model(done.out / "ensemble" / "student" / "members" / "0" / "fold-0.pt", "cpu")
+    with torch.inference_mode():
+        x = torch.as_tensor(done.pixels[:, None] / 16.0, dtype=torch.float32)
+        np.testing.assert_array_equal(got, net.eval()(x).argmax(1).numpy())
+    link = json.loads((done.out / "ensemble" / "mlflow.json").read_text())
+    assert link["student_uri"] == f"runs:/{link['run_id']}/student"
 
 
 def _requirements(done: Done) -> dict[str, str]:

@@ -29,7 +29,7 @@ import numpy as np
 import optuna
 import pytest
 import sqlalchemy
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli, wait_held
 from mlflow.exceptions import MlflowException
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -40,6 +40,7 @@ from workbench.cv import CrossValidator
 from workbench.data import ImageData, Split, load_data, load_or_make_split
 from workbench.errors import SearchError
 from workbench.files import load_npz, save_npz
+from workbench.runtime import HOLD
 from workbench.tracking import Tracker
 from workbench.train import load_model
 
@@ -80,13 +81,14 @@ def wait_for(what: str, timeout: float, check: Callable[[], Any]) -> Any:
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
-def worker(file: Path, index: int, log: Path) -> subprocess.Popen[bytes]:
-    """`workbench worker FILE --index i`, as the parent starts it."""
+def worker(file: Path, index: int, log: Path, hold: str = "") -> subprocess.Popen[bytes]:
+    """`workbench worker FILE --index i`, as the parent starts it; `hold`: where it waits
+    ("<run>/<fold>:<file>", workbench.runtime.hold_point), for a test to kill it there."""
     with log.open("w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "workbench", "worker", str(file), "--index", str(index)],
             cwd=file.parent,
-            env=ENV,
+            env={**ENV, HOLD: hold} if hold else ENV,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -195,12 +197,15 @@ def test_the_next_worker_fails_a_killed_worker_s_trial_and_retries_it(
 ) -> None:
     """One worker process is killed mid-trial; a worker started after it (here, in-process)
     runs the remaining trial, waits for the dead trial to go stale, then runs its retry."""
-    file = edit(tiny_file, {"trials": 3, "heartbeat": HB, "pruner": "none"}, epochs=4)
+    file = edit(tiny_file, {"trials": 3, "heartbeat": HB, "pruner": "none"})
     cfg = load_study(file)
     data, split, study = prepare(cfg)
-    proc = worker(file, 1, tmp_path / "worker-1.log")
+    go, log = tmp_path / "go", tmp_path / "worker-1.log"  # `go` is never made: it waits
+    proc = worker(file, 1, log, hold=f"1/1:{go}")  # before fold 1 of trial 1 (0 is complete)
     try:
-        victim = wait_for("worker 1 mid-trial", 120, mid_trial(study, 1, tracked=False))
+        assert wait_held(go, proc, log) == proc.pid
+        victim = mid_trial(study, 1, tracked=False)()
+        assert victim is not None and victim.number == 1, log.read_text()[-3000:]
         assert victim.user_attrs["pid"] == proc.pid
         before = study.get_trials(states=(TrialState.COMPLETE,))
         killed_at = kill(proc)
@@ -213,19 +218,18 @@ def test_the_next_worker_fails_a_killed_worker_s_trial_and_retries_it(
 def test_a_retry_trains_only_the_folds_its_killed_first_try_had_not_finished(
     tiny_file: Path, tmp_path: Path
 ) -> None:
-    """A worker is killed (SIGKILL) during the fourth fold of five. Its retry keeps folds 1-3
+    """A worker is killed (SIGKILL) as the fourth fold of five starts. Its retry keeps folds 1-3
     (files untouched, their out-of-fold rows the stored ones) and trains folds 4 and 5 only."""
-    file = edit(tiny_file, {"trials": 1, "heartbeat": HB, "pruner": "none"}, epochs=6)
+    file = edit(tiny_file, {"trials": 1, "heartbeat": HB, "pruner": "none"})
     file.write_text(file.read_text().replace("folds = 3", "folds = 5"))
     cfg = load_study(file)
     data, split, study = prepare(cfg)
     folder = cfg.out / "trials" / "mlp" / "0000"
-    proc = worker(file, 1, tmp_path / "worker-1.log")
+    go, log = tmp_path / "go", tmp_path / "worker-1.log"  # `go` is never made: it waits
+    proc = worker(file, 1, log, hold=f"0/3:{go}")  # before fold 3 (the fourth) of trial 0
     try:
-        # freeze the worker the moment fold 3 (the fourth) starts, so the kill lands inside it
-        wait_for("the third fold's result", 180, (folder / "fold-2.npz").exists)
-        os.kill(proc.pid, signal.SIGSTOP)
-        assert not (folder / "fold-3.npz").exists()
+        wait_held(go, proc, log)  # it waits there until the kill: nothing of fold 3 is written
+        assert (folder / "fold-2.npz").exists() and not (folder / "fold-3.npz").exists()
         kept = {k: load_npz(folder / f"fold-{k}.npz") for k in range(3)}
         stamps = {k: (folder / f"fold-{k}.pt").stat().st_mtime_ns for k in range(3)}
         digests = {
@@ -263,18 +267,18 @@ def test_two_worker_processes_one_killed_with_tracking(tiny_file: Path, tmp_path
     """`workbench study` as it runs: two worker processes, MLflow on; worker 1 is killed
     mid-trial, worker 0 finishes the study and the retry; the parent's end closes every run."""
     file = edit(
-        tiny_file,
-        {"trials": 4, "heartbeat": HB, "pruner": "none"},
-        epochs=4,  # a trial of ~2-4 s here: long enough to be caught running
-        mlflow=tmp_path / "mlflow.db",
+        tiny_file, {"trials": 4, "heartbeat": HB, "pruner": "none"}, mlflow=tmp_path / "mlflow.db"
     )
     cfg, _, _ = cli.prepare(file, None, None)  # the parent's part: split, studies, study runs
     study = search.create_studies(cfg, search.open_storage(cfg))["mlp"]
     Tracker(cfg).study_run("mlp", create=True)
     logs = [tmp_path / f"worker-{i}.log" for i in (0, 1)]
-    procs = [worker(file, i, logs[i]) for i in (0, 1)]
+    go = tmp_path / "go"  # never made: worker 1 waits before fold 1 of its first trial
+    procs = [worker(file, 0, logs[0]), worker(file, 1, logs[1], hold=f"*/1:{go}")]
     try:
-        victim = wait_for("worker 1 mid-trial", 120, mid_trial(study, 1, tracked=True))
+        wait_held(go, procs[1], logs[1])
+        # worker 0 meanwhile completes a trial: the kill comes after one, as the rules need
+        victim = wait_for("worker 1 held, a trial complete", 120, mid_trial(study, 1, True))
         assert victim.user_attrs["pid"] == procs[1].pid
         before = study.get_trials(states=(TrialState.COMPLETE,))
         killed_at = kill(procs[1])

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workbench import views
 from workbench.errors import ConfigError
 from workbench.spaces import (
     SPACE_TAGS,
@@ -33,7 +34,8 @@ from workbench.spaces import IntRange as IntRange
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan: TOML reads `inf` and `nan` as floats; no key of a study has a use for them
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -187,6 +189,32 @@ class EnsembleConfig(_Frozen):
     # search): the ladder's "one network on all rows", beside the fold models it is compared with
     refit: bool = False
     bootstrap: int = Field(2000, ge=100)  # paired bootstrap resamples for confidence intervals
+    # test-time views (workbench/views.py): each candidate member also competes as its TTA
+    # variant, the mean over the image and these views, chosen or not on OOF rows like any other
+    tta: tuple[str, ...] = Field((), strict=False)
+
+    @field_validator("tta")
+    @classmethod
+    def _views(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if (why := views.problem(name)) is not None:
+                raise ValueError(why)
+        if len(set(v)) < len(v):
+            raise ValueError(f"a view is listed twice in {list(v)}")
+        return v
+
+
+class DistillConfig(_Frozen):
+    """One student network trained on every training row against the shipped model's
+    out-of-fold probabilities (workbench/distill.py): the ensemble's gain at one network's cost.
+
+    loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy(labels), with
+    teacher_T and student_T the probabilities softened by temperature T (Hinton et al. 2015)."""
+
+    model: str  # a model section: the student uses its best trial's configuration
+    params: dict[str, Scalar] = {}  # keys that replace that configuration's (epochs, shift, ...)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the teacher's term; 0: labels only
+    temperature: float = Field(2.0, gt=0.0, le=20.0)  # T: both sides softened by it
 
 
 class TrackingConfig(_Frozen):
@@ -219,7 +247,17 @@ class StudyConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     models: dict[str, ModelSpec] = Field(min_length=1)
     ensemble: EnsembleConfig = EnsembleConfig()
+    distill: DistillConfig | None = None  # a student of the shipped model; None: no student
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _student_model(self) -> StudyConfig:
+        if self.distill is not None and self.distill.model not in self.models:
+            raise ValueError(
+                f"distill.model = {self.distill.model!r} is not a model section; the study's "
+                f"models: {sorted(self.models)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _train_keys(self) -> StudyConfig:
@@ -235,6 +273,12 @@ class StudyConfig(_Frozen):
                 error = section_error(base, section, given, f"models.{model}")
                 if error:
                     raise ValueError(error)
+        for base, section in ((self.train, "train"), (self.data.augment, "data.augment")):
+            student = self.distill.params if self.distill else {}
+            fields = type(base).model_fields
+            given = {f"params.{k}": [Value(v)] for k, v in student.items() if k in fields}
+            if error := section_error(base, section, given, "distill"):
+                raise ValueError(error)
         return self
 
     def trials_for(self, model: str) -> int:
@@ -272,11 +316,17 @@ def load_study(path: str | Path, trials: int | None = None) -> StudyConfig:
 
 
 def _format(path: Path, e: ValidationError) -> str:
-    lines = [f"{path}: {e.error_count()} error(s) in the study file"]
-    for err in e.errors():
+    errors = _one_per_value(e.errors())
+    lines = [f"{path}: {len(errors)} error(s) in the study file"]
+    for err in errors:
         loc = [str(x) for x in err["loc"] if not str(x).startswith("<")]
         where = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "finite_number":
+            lines.append(
+                f"  {where}: {err['input']!r} is not a finite number; give a number (TOML's "
+                f"inf and nan are refused)"
+            )
+        elif err["type"] == "extra_forbidden":
             known = _known_keys(err["loc"][:-1])
             close = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
@@ -289,6 +339,24 @@ def _format(path: Path, e: ValidationError) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {where}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)
+
+
+_SCALARS = ("bool", "int", "float", "str")  # the members of `Scalar`, as pydantic names them
+
+
+def _one_per_value(errors: list[Any]) -> list[Any]:
+    """A non-finite float where a `Scalar` goes (a `params` value, a choice) fails each member of
+    the union; keep its one finite_number error, its location without the member's name."""
+    bad = {err["loc"][:-1] for err in errors if err["type"] == "finite_number"}
+    kept = []
+    for err in errors:
+        loc = err["loc"]
+        if loc and loc[-1] in _SCALARS and loc[:-1] in bad:  # one member of a failed union
+            if err["type"] == "finite_number":
+                kept.append({**err, "loc": loc[:-1]})
+            continue
+        kept.append(err)
+    return kept
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -334,7 +402,7 @@ def resolved(cfg: StudyConfig) -> dict[str, Any]:
 def resume_key(cfg: StudyConfig) -> dict[str, Any]:
     """The parts that a resumed study must share with its first run (trial counts may change)."""
     d = resolved(cfg)
-    for key in ("search", "ensemble", "tracking", "output_dir", "device"):
+    for key in ("search", "ensemble", "distill", "tracking", "output_dir", "device"):
         d.pop(key)
     for spec in d["models"].values():
         spec.pop("trials")

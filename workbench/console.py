@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from workbench.errors import WorkbenchError
-from workbench.results import EnsembleResult, Interval
+from workbench.results import EnsembleResult, Interval, student_sentence
 from workbench.search import ModelProgress
 
 console = Console()
@@ -141,9 +141,11 @@ def ladder_notes(results: EnsembleResult) -> list[str]:
         if r.spread is not None:
             lo, hi = r.spread.accuracy
             lines.append(f"{r.name}: {r.label}; fold models {lo:.2%} to {hi:.2%}")
-        elif r.kind in ("refit", "bag", "final"):
+        elif r.kind in ("refit", "bag", "final", "student"):
             lines.append(f"{'final *' if r.kind == 'final' else r.name}: {r.label}")
     lines.append(f"why: {results.choice.reason}")
+    if (keeps := results.student_keeps()) is not None:
+        lines.append(student_sentence(keeps))
     return lines
 
 

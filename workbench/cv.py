@@ -37,9 +37,22 @@ from workbench.events import (
 )
 from workbench.files import atomic_write, file_digest, save_npz
 from workbench.models import Classifier, create_model, model_hparams
-from workbench.runtime import derive_seed, seed_everything, select_device, trim_memory
+from workbench.runtime import (
+    derive_seed,
+    hold_point,
+    seed_everything,
+    select_device,
+    trim_memory,
+)
 from workbench.store import FoldRecord, RunStore
-from workbench.train import FitResult, Interrupted, fit, predict_proba, save_checkpoint
+from workbench.train import (
+    Distill,
+    FitResult,
+    Interrupted,
+    fit,
+    predict_proba,
+    save_checkpoint,
+)
 
 T = TypeVar("T")
 # report(fold, epoch, metrics): the search's pruning hook; raising from it stops the run
@@ -155,6 +168,7 @@ class CrossValidator:
                 result.resumed.append(k)
                 self.events.emit(FoldResumed(ref, k, fold.history, fold.best_epoch))
             else:
+                hold_point(ref.label, k)  # tests only (WORKBENCH_TEST_HOLD): wait here
                 fold = self._fold(
                     k, tr, va, model_hp, (train_cfg, augment), out, ref, seed_label, report
                 )
@@ -223,6 +237,7 @@ class CrossValidator:
         seed_label: int | str,
         report: Report | None,
         finish: Callable[[Classifier, FitResult, dict[str, Any]], T],
+        distill: Distill | None = None,
     ) -> T:
         """Train one network as fold `k` of run `ref`: seeded, normalised by `train`'s channel
         statistics, fit, its checkpoint written at `ckpt`; then `finish(net, fit result,
@@ -252,6 +267,7 @@ class CrossValidator:
                 generator=gen,
                 on_epoch=on_epoch,
                 should_stop=self.should_stop,
+                distill=distill,
             )
             meta = self._meta(model_hp, ref, k)
             path = save_checkpoint(ckpt, net, meta)
@@ -278,12 +294,18 @@ class CrossValidator:
         }
 
     def refit(
-        self, hp: dict[str, Any], out: Path, ref: RunRef, seed_label: int | str
+        self,
+        hp: dict[str, Any],
+        out: Path,
+        ref: RunRef,
+        seed_label: int | str,
+        distill: Distill | None = None,
     ) -> list[dict[str, float]]:
         """Train the configuration once on every training row: no validation rows, no pruning,
         the last epoch's weights (search/followups.py sets its epochs). Writes `model.pt` and
         history.json in `out`; returns the per-epoch history. Told as one fold (fold 0), so
-        tracking records it as it records a fold; a retry trains it again from the start."""
+        tracking records it as it records a fold; a retry trains it again from the start.
+        A distilled student is such a network, its batch loss made by `distill`."""
 
         def history(net: Classifier, result: FitResult, meta: dict[str, Any]) -> list[dict]:
             text = json.dumps([result.history]).encode()
@@ -292,4 +314,6 @@ class CrossValidator:
 
         hparams = split_hparams(self.cfg, self.model, hp)
         ckpt = self.run_store.refit_checkpoint(out)
-        return self._train(0, self.rows, None, hparams, ckpt, ref, seed_label, None, history)
+        return self._train(
+            0, self.rows, None, hparams, ckpt, ref, seed_label, None, history, distill
+        )

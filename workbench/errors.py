@@ -19,6 +19,11 @@ class DataError(WorkbenchError, ValueError):
     """The data cannot be read or does not fit the study: missing path, bad IDX file, bad image."""
 
 
+class SpaceError(WorkbenchError, OSError):
+    """What the study would write or hold does not fit: the disk of the output folder, or memory.
+    The message gives the size, the space free and what to change."""
+
+
 class CheckpointError(WorkbenchError, OSError):
     """A checkpoint or out-of-fold file is missing, truncated or corrupt."""
 

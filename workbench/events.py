@@ -77,7 +77,9 @@ class ModelPackaged:
     requirements: list[str]  # pip requirements of the packaged code
     input_example: Any  # a request: DataFrame with an "image" column of base64 PNG files
     output_example: Any  # DataFrame: what the model returns for it (label, p_<class>, ...)
-    files: dict[str, str] = field(default_factory=dict)  # artifact folder -> local file beside
+    # artifact folder -> local files beside (the ONNX graph, and its external data file if any)
+    files: dict[str, list[str]] = field(default_factory=dict)
+    student: ModelPackaged | None = None  # the distilled student, logged beside as "student"
 
 
 Event = FoldStarted | EpochEnded | CheckpointWritten | FoldEnded | FoldResumed

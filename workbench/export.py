@@ -1,7 +1,8 @@
 """The final model, packaged: every kept member's fold models and the combiner's rule in a folder
 that loads on its own, and what tracking needs to log it as a loadable MLflow model.
 
-    final/ensemble.json          classes, input shape, members, the rule (ensemble/rule.py)
+    final/ensemble.json          classes, input shape, members, the rule (ensemble/rule.py), the
+                                 test-time views of TTA members (workbench/views.py)
     final/members/<i>/fold-k.pt  member i's k fold models (state dicts; normalisation included)
 
 The folder stores numbers and state dicts, not a pickle. It loads as one `FinalEnsemble` module
@@ -34,8 +35,10 @@ def save_final(
     classes: list[str],
     in_shape: tuple[int, int, int],
     preprocess: dict[str, Any],
+    views: dict[str, list[str]] | None = None,
 ) -> Path:
-    """Copy the members' (name, fold checkpoints) with the rule into `folder` (replaced whole)."""
+    """Copy the members' (name, fold checkpoints) with the rule into `folder` (replaced whole);
+    `views`: the test-time views of the TTA members, by name."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # members of weight 0 change no prediction: leave them out of the final model
@@ -51,6 +54,7 @@ def save_final(
         "classes": classes,
         "in_shape": list(in_shape),
         "members": [name for (name, _), _ in kept],
+        "views": {n: v for n, v in (views or {}).items() if n in {m for (m, _), _ in kept}},
         "folds": len(members[0][1]),
         "combiner": state,
         "input": "float32 images (N, C, H, W), values in [0, 1]",
@@ -73,7 +77,11 @@ def serving_example(pixels: np.ndarray, scale: float) -> Any:
 
 
 def packaged(
-    model: FinalEnsemble, final: Path, pixels: np.ndarray, scale: float, files: dict[str, str]
+    model: FinalEnsemble,
+    final: Path,
+    pixels: np.ndarray,
+    scale: float,
+    files: dict[str, list[str]],
 ) -> ModelPackaged:
     """The final folder (`model`, loaded from it) packaged for tracking: an example request (PNG
     files of `pixels`) and its answer, requirements found by loading the model in a fresh

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -62,6 +63,31 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
+
+
+# bytes left free beyond what a step writes: the Optuna SQLite file and its journal, the logs and
+# MLflow's local store grow by some kB a trial, and a disk filled to the last byte fails them all
+DISK_RESERVE = 16 * 2**20
+
+
+def free_space(path: str | Path) -> int:
+    """Bytes free to this user on the disk that holds `path`, or would hold it once it is
+    created (the disk of its nearest existing ancestor). The one place workbench asks."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def size_text(n: float) -> str:
+    """Bytes as a person reads them, in decimal units: 950 B, 9.4 MB, 302.0 GB."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if round(n, 1) < 1000:  # 999,999 B is 1.0 MB, not 1000.0 kB
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} TB"
 
 
 @contextmanager

@@ -4,8 +4,9 @@ combiner's rule (member weights, soft or hard vote, temperature) and its tie rul
     images (N, C, H, W) float32 in [0, 1]  ->  probabilities (N, classes) float64, labels (N,)
 
 It computes what the ensemble stage scored on the test split, in the same order and precision:
-each fold model's logits to float64 softmax, the member's mean over its folds
-(workbench/infer.py's `member_proba`), then the combiner of workbench/ensemble/combiners.py
+each fold model's logits to float64 softmax, the member's mean over its folds (and, for a TTA
+member, over the image and its test-time views: workbench/views.py) by workbench/infer.py's
+`member_proba`, then the combiner of workbench/ensemble/combiners.py
 written in torch ops (`weighted_mean`, `_vote_shares`, HardVoting's tie rule,
 TemperatureScaling). `workbench predict`, the MLflow model and the ONNX graph all run this module;
 tests/test_final.py checks it against the combiners on ties and on a study's test split.
@@ -29,6 +30,7 @@ from workbench.infer import member_proba
 from workbench.models import Classifier
 from workbench.store import RunStore
 from workbench.train import EVAL_BATCH, load_model
+from workbench.views import TTA, resolve
 
 EPS = 1e-15  # combiners.EPS: probabilities are clipped here before the temperature's log
 TIE_TOL = 1e-9  # combiners.TIE_TOL: vote shares closer than this are tied
@@ -48,6 +50,7 @@ class FinalEnsemble(nn.Module):
         classes: list[str],
         in_shape: tuple[int, int, int],
         preprocess: dict[str, Any] | None = None,
+        views: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         self.members = nn.ModuleList(nn.ModuleList(folds) for folds in members)
@@ -55,6 +58,8 @@ class FinalEnsemble(nn.Module):
         c, h, w = (int(v) for v in in_shape)
         self.in_shape: tuple[int, int, int] = (c, h, w)
         self.preprocess = dict(preprocess or {})  # how files became training inputs
+        self.views = {n: list(v) for n, v in (views or {}).items() if n in self.names}
+        self._views = [resolve(self.views.get(n, ())) for n in self.names]  # torch ops, no weights
         weights = torch.tensor(state["weights"], dtype=torch.float64)
         self.register_buffer("weights", weights / weights.sum())
         self.hard = state["vote"] == "hard"
@@ -64,7 +69,12 @@ class FinalEnsemble(nn.Module):
     def member_probas(self, x: torch.Tensor) -> torch.Tensor:
         """(members, N, classes) float64: each member's mean of its fold models' softmax, by
         member inference's one step (workbench/infer.py)."""
-        return torch.stack([member_proba(list(folds.children()), x) for folds in self.members])
+        return torch.stack(
+            [
+                member_proba(list(folds.children()), x, views)
+                for folds, views in zip(self.members, self._views, strict=True)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         P = self.member_probas(x)
@@ -145,13 +155,22 @@ class FinalEnsemble(nn.Module):
             + f"; got {a.shape}"
         )
 
-    def member(self, name: str, candidates: dict[str, list[Path]] | None = None) -> FinalEnsemble:
+    def member(
+        self,
+        name: str,
+        candidates: dict[str, list[Path]] | None = None,
+        tta: list[str] | tuple[str, ...] = (),
+    ) -> FinalEnsemble:
         """Member `name` alone, the mean of its fold models as the ensemble stage scored it: one
-        of this model's members, or any candidate given as its fold checkpoints."""
+        of this model's members, or any candidate given as its fold checkpoints (a TTA
+        candidate, named `<member>+tta`, over the study's views `tta`)."""
         alone = {"vote": "soft", "weights": [1.0], "temperature": None}
+        views = {name: self.views[name]} if name in self.views else {}
         if name in self.names:
             folds = list(self.members[self.names.index(name)].children())
         elif candidates and name in candidates:
+            if name.endswith(TTA):
+                views = {name: list(tta)}
             device = self.weights.device
             folds = [load_model(p, device) for p in candidates[name]]
         else:
@@ -159,7 +178,15 @@ class FinalEnsemble(nn.Module):
             raise ConfigError(
                 f"--member {name!r} is not a member of the study's ensemble; members: {known}"
             )
-        return FinalEnsemble([folds], [name], alone, self.classes, self.in_shape, self.preprocess)  # type: ignore[list-item]
+        return FinalEnsemble(
+            [folds],  # type: ignore[list-item]
+            [name],
+            alone,
+            self.classes,
+            self.in_shape,
+            self.preprocess,
+            views,
+        )
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> FinalEnsemble:
@@ -180,6 +207,7 @@ class FinalEnsemble(nn.Module):
             meta["classes"],
             tuple(meta["in_shape"]),
             meta.get("preprocess", {}),
+            meta.get("views", {}),
         )
         return model.to(device)
 

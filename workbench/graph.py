@@ -4,6 +4,11 @@ a dynamic batch dimension, and checked with onnxruntime against the torch module
     images float32 (batch, C, H, W) in [0, 1] -> probabilities float64 (batch, classes),
                                                  labels int64 (batch,)
 
+A graph whose weights pass EXTERNAL_ABOVE bytes keeps them in `<name>.data` beside it (ONNX
+external data): one protobuf message cannot pass 2 GiB, and six fine-tuned resnet18 members made
+a 287 MB graph, so resnet50 members over 5 folds would not fit. onnxruntime loads the pair from
+the graph's path; move both files together.
+
 `export_onnx` writes the graph and returns the check: on the rows given (the test split), every
 label equal and max |p_onnx - p_torch| <= 1e-5, else ExportError. The check needs no labels;
 given labels, it also scores the graph (a look at the test split, which the caller counts).
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,19 +34,37 @@ import torch
 
 from workbench.data import Rows
 from workbench.errors import ExportError
-from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
 from workbench.train import EVAL_BATCH
 
 TOLERANCE = 1e-5  # max |p_onnx - p_torch| allowed; measured on digits: ~1.4e-7
 INPUTS, OUTPUTS = ["images"], ["probabilities", "labels"]
 Images = np.ndarray | Rows  # float images in [0, 1] (N, C, H, W), or rows of the image store
+# bytes of weights above which they go to the external data file: protobuf's limit is 2 GiB for
+# the whole message, and the graph's own nodes and constants need room beside the weights
+EXTERNAL_ABOVE = 1_500_000_000
+
+
+def data_file(path: Path) -> Path:
+    """Where the graph at `path` keeps its weights when they are external data."""
+    return path.with_name(path.name + ".data")
+
+
+def files(path: Path) -> list[Path]:
+    """The graph's files: itself, and its external data file when it has one."""
+    return [path] + ([data_file(path)] if data_file(path).exists() else [])
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes of the model's parameters and buffers: what the graph's initializers hold."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
 class GraphCheck:
     path: Path
-    bytes: int
+    bytes: int  # the graph's files together
     rows: int  # rows compared
     max_abs_diff: float  # max |p_onnx - p_torch| over them
     labels_equal: bool
@@ -48,30 +72,57 @@ class GraphCheck:
 
 
 def export_onnx(
-    model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = None
+    model: FinalEnsemble,
+    path: Path,
+    x: Images,
+    y: np.ndarray | None = None,
+    external_above: int = EXTERNAL_ABOVE,
 ) -> GraphCheck:
-    """Write `model` as one ONNX graph at `path` and check it on `x` (N, C, H, W): float images
-    in [0, 1], or rows of the image store, made float a batch at a time."""
+    """Write `model` as one ONNX graph at `path` (its weights in `data_file(path)` when they
+    pass `external_above` bytes) and check it on `x` (N, C, H, W): float images in [0, 1], or
+    rows of the image store, made float a batch at a time."""
     example = torch.as_tensor(model.checked(next(_batches(x))[:2]))
-    tmp = path.with_name(path.name + ".export.onnx")
-    with _quiet():
+    external = weight_bytes(model) > external_above
+    with _work_folder(path) as work, _quiet():
         try:
             torch.onnx.export(
                 model.cpu(),
                 (example,),
-                str(tmp),
+                str(work / path.name),
                 input_names=INPUTS,
                 output_names=OUTPUTS,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
                 dynamo=True,
                 verbose=False,
-                external_data=False,
+                external_data=external,
             )
         except Exception as e:  # the exporter raises many types; say which model failed
             raise ExportError(f"the final model cannot be exported to ONNX: {e}") from None
-    atomic_write(path, lambda f: f.write(tmp.read_bytes()))
-    tmp.unlink()
+        _place(work / path.name, path)
     return check(model, path, x, y)
+
+
+@contextlib.contextmanager
+def _work_folder(path: Path) -> Iterator[Path]:
+    """A fresh folder beside `path` where a graph is written under its final name (an external
+    data file is found by the name the graph records), removed afterwards."""
+    work = path.with_name(path.name + ".work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _place(written: Path, path: Path) -> None:
+    """Move a graph (and its data file, if any) to `path`, the data first: a reader never finds
+    a graph whose weights are not yet there. A stale data file of an earlier graph goes."""
+    if data_file(written).exists():
+        os.replace(data_file(written), data_file(path))
+    else:
+        data_file(path).unlink(missing_ok=True)
+    os.replace(written, path)
 
 
 def check(model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = None) -> GraphCheck:
@@ -92,7 +143,8 @@ def check(model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = No
             f"|p_onnx - p_torch| = {diff:.2e} (allowed {TOLERANCE:g}), {differ} label(s) differ"
         )
     acc = _accuracy(np.concatenate(labels), y)
-    return GraphCheck(path, path.stat().st_size, len(x), diff, True, acc)
+    size = sum(p.stat().st_size for p in files(path))
+    return GraphCheck(path, size, len(x), diff, True, acc)
 
 
 def _batches(x: Images, batch: int = EVAL_BATCH) -> Iterator[np.ndarray]:
@@ -141,16 +193,19 @@ def quantize(path: Path, out: Path, x: Images, y: np.ndarray | None = None) -> Q
     labels on `x` beside the float graph's, and both accuracies when `y` is given."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = out.with_name(out.name + ".tmp.onnx")
-    with _quiet():
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
-    os.replace(tmp, out)
+    external = data_file(path).exists()
+    with _work_folder(out) as work, _quiet():
+        quantize_dynamic(
+            str(path), str(work / out.name), weight_type=QuantType.QInt8,
+            use_external_data_format=external,
+        )  # fmt: skip
+        _place(work / out.name, out)
     float_labels, int8_labels = run_onnx(path, x)[1], run_onnx(out, x)[1]
     acc_float, acc_int8 = _accuracy(float_labels, y), _accuracy(int8_labels, y)
     return Quantized(
         path=str(out),
-        bytes=out.stat().st_size,
-        float_bytes=path.stat().st_size,
+        bytes=sum(p.stat().st_size for p in files(out)),
+        float_bytes=sum(p.stat().st_size for p in files(path)),
         rows=len(float_labels),
         changed=int((int8_labels != float_labels).sum()),
         accuracy=acc_int8,

@@ -36,6 +36,7 @@ class TestProbas:
     members: np.ndarray  # (members, rows, classes): each member's mean of its fold models
     folds: np.ndarray  # (folds, rows, classes): the best member's fold models, each alone
     refits: np.ndarray | None = None  # (refits, rows, classes): each refit network
+    student: np.ndarray | None = None  # (rows, classes): the distilled student, if any
 
 
 class ResultsFormatError(ValueError):
@@ -126,7 +127,7 @@ class Spread(_Record):
     log_loss: tuple[float, float]
 
 
-RungKind = Literal["network", "refit", "bag", "combiner", "final"]
+RungKind = Literal["network", "refit", "bag", "combiner", "final", "student"]
 
 
 class Rung(_Record):
@@ -242,6 +243,17 @@ class EnsembleResult(_Record):
     def rung(self, name: str) -> Rung:
         return next(r for r in self.ladder if r.name == name)
 
+    def student_keeps(self) -> float | None:
+        """The share of what ships' test-accuracy gain over one network that the distilled
+        student keeps (1.0: all of it; negative: worse than one network); None without a
+        student or without a gain to keep."""
+        names = {r.name for r in self.ladder}
+        if "student" not in names:
+            return None
+        net = self.rung("one network").test.accuracy
+        gain = self.rung("final").test.accuracy - net
+        return (self.rung("student").test.accuracy - net) / gain if gain > 0 else None
+
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), indent=1).encode()
 
@@ -269,3 +281,13 @@ class TestLook(_Record):
     rows: int  # test rows scored
     fingerprint: str = ""  # the ensemble stage's input fingerprint, where there is one
     accuracy: float | None = None  # the score shown, where one was shown
+
+
+def student_sentence(keeps: float) -> str:
+    """What share of the shipped model's accuracy gain over one network the student keeps."""
+    if keeps < 0:
+        return (
+            f"the student scores below one network: it keeps none of the shipped model's "
+            f"accuracy gain over one network ({keeps:.0%})"
+        )
+    return f"the student keeps {keeps:.0%} of the shipped model's accuracy gain over one network"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,19 @@ def configure_threads(threads: int = 1) -> None:
     # inter-op threads can be set only once per process, before any parallel work
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(threads)
+
+
+@contextlib.contextmanager
+def all_cores() -> Iterator[int]:
+    """Intra-op threads on every core this process may use, for work a stage runs alone (the
+    distilled student's training); the earlier count is restored after. Yields the count."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(cores or 1)
+    try:
+        yield cores or 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -78,6 +93,54 @@ def skip_triton_without_gpu() -> None:
     imports torch._dynamo; a no-op once Triton is imported, or where a GPU is visible."""
     if "triton" not in sys.modules and gpu_count() == 0:
         sys.modules["triton"] = None  # type: ignore[assignment]
+        # torch.utils.flop_counter (imported by the ONNX export of the ensemble stage) then
+        # warns "triton not found" on a CUDA build: true, and made so on purpose here
+        logging.getLogger("torch.utils.flop_counter").addFilter(_NoTritonWarning())
+
+
+class _NoTritonWarning(logging.Filter):
+    """Drops only torch's warning that Triton is absent; the logger's other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("triton not found")
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give a process without swapping: Linux's MemAvailable
+    (free memory plus the page cache and slabs it can reclaim), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+HOLD = "WORKBENCH_TEST_HOLD"  # tests only: "<run>/<fold>:<file>", run a trial number or *
+
+
+def hold_point(run: int | str, fold: int) -> None:
+    """A test's hold on a worker: with WORKBENCH_TEST_HOLD = "<run>/<fold>:<file>", the process
+    stops before it trains fold <fold> of run <run> (a trial number, or * for any run), writes
+    <file>.held (its pid) and waits until <file> exists. A test that kills or freezes a worker
+    "during fold k", or fills its disk there, does it while the worker waits: on any machine,
+    under any load. Unset (always, outside tests), it returns at once."""
+    spec = os.environ.get(HOLD)
+    if not spec:
+        return
+    at, _, path = spec.partition(":")
+    want_run, _, want_fold = at.partition("/")
+    if want_fold != str(fold) or want_run not in ("*", str(run)):
+        return
+    go = Path(path)
+    held = go.with_name(go.name + ".held")
+    tmp = held.with_name(held.name + ".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, held)  # whole or absent: the test reads the pid
+    while not go.exists():
+        time.sleep(0.05)
 
 
 def trim_memory() -> None:

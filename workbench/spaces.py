@@ -29,7 +29,8 @@ CORNERS = 4096  # most combinations checked per model and section; beyond it, on
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # a range to inf or a nan choice is refused at load (Optuna would fail every trial on it)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class IntRange(_Frozen):

@@ -18,7 +18,9 @@ Layout under the study's output folder (`<output_dir>/<name>/`):
     refits/<model>/<nnnn>/        trial nnnn's configuration trained once on every training row:
         model.pt, history.json
     ensemble/                     results.json, test_evaluations.json, mlflow.json, final/,
-                                  candidates.json, model.onnx
+                                  candidates.json, model.onnx; with [distill], student-run/
+                                  (its training: model.pt, history.json) and student/ (final/'s
+                                  layout, one network)
     logs/worker-<i>.log, timings.json, study.resolved.json, optuna.db (the default storage)
 
 A completed run is sealed: its manifest (the folder's URI, and the sha256 and size of every
@@ -161,6 +163,16 @@ class RunStore:
     def candidates(self) -> Path:
         """Every candidate member's fold checkpoints, relative to the study's folder."""
         return self.ensemble / "candidates.json"
+
+    @property
+    def student_run(self) -> Path:
+        """Where the distilled student trains: model.pt, history.json (a refit's layout)."""
+        return self.ensemble / "student-run"
+
+    @property
+    def student(self) -> Path:
+        """The distilled student packaged as a final model (final/'s layout, one network)."""
+        return self.ensemble / "student"
 
     @property
     def onnx(self) -> Path:

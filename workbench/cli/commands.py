@@ -38,7 +38,7 @@ from workbench.files import atomic_write, undone_on_error
 from workbench.models import check_models
 from workbench.runtime import configure_threads, default_workers, gpu_count
 from workbench.store import RunStore
-from workbench.tracking import Tracker
+from workbench.tracking import DataRef, Tracker
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -118,7 +118,7 @@ def study(
             else list(spawn_workers(file, data, trials, n, logs))
         )
         try:
-            rows, interrupted, tracker = _search(cfg, procs)
+            rows, interrupted, tracker = _search(cfg, procs, file, _tracker(cfg, ds, split))
         finally:
             for p in procs:
                 p.close()
@@ -158,15 +158,21 @@ def check(
         raise _fail(e) from None
 
 
+def _tracker(cfg: StudyConfig, ds: ImageData, split: Split) -> Tracker:
+    """The MLflow record of this study's runs, which name `ds` as their dataset input."""
+    return Tracker(cfg, data=DataRef.of(ds, split))
+
+
 def _search(
-    cfg: StudyConfig, procs: list[Worker]
+    cfg: StudyConfig, procs: list[Worker], file: Path, tracker: Tracker
 ) -> tuple[list[search.ModelProgress], bool, Tracker]:
     """Create the studies and their MLflow runs, run the workers, end the runs."""
     storage = search.open_storage(cfg)
     search.create_studies(cfg, storage)
-    tracker = Tracker(cfg)
     for model in cfg.models:
         tracker.study_run(model, create=True)
+    tracker.describe(file)
+    console.print(escape(tracker.where()), highlight=False)
     status, interrupted = "FAILED", False
     try:
         with stage_timer(cfg, "search"):
@@ -177,7 +183,8 @@ def _search(
         for r in rows:
             best = r.best_value if r.best_value is not None else float("nan")
             summary = {"best_value": best, "trials_complete": r.complete, "trials_pruned": r.pruned}
-            tracker.end_study(model=r.model, summary=summary, status=status)
+            history = search.scores(cfg, r.model, storage)
+            tracker.end_study(model=r.model, summary=summary, status=status, history=history)
         tracker.flush()
     return rows, interrupted, tracker
 
@@ -187,7 +194,7 @@ def ensemble(file: StudyFile, data: DataOpt = None) -> None:
     """Ensemble the stored studies' best trials and evaluate them once on the test split."""
     try:
         cfg, ds, split = prepare(file, data, None, "ensemble")
-        ensemble_stage(cfg, ds, split, Tracker(cfg))
+        ensemble_stage(cfg, ds, split, _tracker(cfg, ds, split))
     except WorkbenchError as e:
         raise _fail(e) from None
 

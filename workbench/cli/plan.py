@@ -13,7 +13,9 @@ from workbench.cli.stages import REPORTS
 from workbench.config import Choice, IntRange, ModelSpec, StudyConfig
 from workbench.console import console
 from workbench.data import ImageData, Split, cv_folds
+from workbench.files import free_space, size_text
 from workbench.runtime import gpu_count
+from workbench.store import RunStore
 
 CLASSES_SHOWN = 10  # class names listed; the rest are counted
 
@@ -78,6 +80,7 @@ def data_table(cfg: StudyConfig, data: ImageData, split: Split) -> Table:
         ("rows", str(len(data.y))),
         ("classes", f"{data.num_classes} ({names}{more})"),
         ("image shape", f"{c} x {h} x {w} (channels x height x width)"),
+        ("image store", store_text(cfg, data)),
         ("split", f"{split.kind}, data fingerprint {split.fingerprint}"),
         ("training rows", f"{len(split.train_idx)} (smallest class: {smallest})"),
         ("test rows", f"{len(split.test_idx)} (held out; read once, by the ensemble stage)"),
@@ -85,6 +88,15 @@ def data_table(cfg: StudyConfig, data: ImageData, split: Split) -> Table:
         ("metric", cfg.cv.metric),
     ]
     return _pairs("data and cross-validation", rows)
+
+
+def store_text(cfg: StudyConfig, data: ImageData) -> str:
+    """The store's size (one byte a pixel a channel) and its disk's free space (the output
+    folder's: the store is its images/)."""
+    n, c, h, w = data.pixels.shape
+    size = data.pixels.numel() * data.pixels.element_size()
+    free = free_space(RunStore(cfg.out).images)
+    return f"{size_text(size)} ({n} x {c} x {h} x {w} bytes); {size_text(free)} free on its disk"
 
 
 def places_table(cfg: StudyConfig, workers: int) -> Table:

@@ -3,13 +3,19 @@ worker forked. Each check raises one WorkbenchError naming the key (or environme
 its value and what would do; the CLI prints it as one line and exits 2.
 
 The checks read and connect; they create nothing: no folder, no SQLite file, no table, no
-MLflow experiment. Which ones a command runs is `CHECKS` (the report writes no trial, so it
-needs no device; `study` creates the studies the other commands need).
+MLflow experiment. The one exception is a probe: an empty folder made in a folder that must
+take new files, and removed at once (only trying tells: root passes every permission test, a
+read-only mount or /proc refuses anyway). Which checks a command runs is `CHECKS`, always in
+this order: the study file's device, the output folder, the storage and tracking, the data
+(the report writes no trial, so it needs no device; `study` creates the studies the others
+need). The image store's size is checked against the disk's free space where the store would
+be built (workbench/data/space.py), before any image is decoded.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -176,6 +182,21 @@ def check_data(cfg: StudyConfig, data_path: str | None) -> None:
             )
 
 
+def check_out_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> None:
+    """A file a command will write (`--out`, `--onnx`), checked before any work: named with one
+    of `suffixes` (the formats it can write), not a folder, in a folder that can be written."""
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(
+            f"{option} {path}: the name must end in {' or '.join(suffixes)} (the formats it "
+            f"writes); got {path.suffix or 'no suffix'!r}"
+        )
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; name a file, in it or elsewhere")
+    why = _not_creatable(path.parent)
+    if why:
+        raise ConfigError(f"{option} {path}: its folder cannot be created or written: {why}")
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -187,8 +208,14 @@ def _not_creatable(folder: Path) -> str | None:
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
+    if hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY:  # not Windows
+        return f"{existing} is on a read-only filesystem"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable by this user"
+    try:  # root passes os.access everywhere; a read-only mount or /proc still refuses
+        os.rmdir(tempfile.mkdtemp(prefix=".workbench-probe-", dir=existing))
+    except OSError as e:
+        return f"{existing} refuses new folders ({e.strerror})"
     return None
 
 

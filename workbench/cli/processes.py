@@ -36,7 +36,7 @@ from workbench.runtime import (
     select_device,
     trim_memory,
 )
-from workbench.tracking import Tracker
+from workbench.tracking import DataRef, Tracker
 from workbench.train import EVAL_BATCH, Interrupted, fit
 
 FORK = sys.platform == "linux"  # macOS frameworks and Windows do not allow fork after imports
@@ -49,7 +49,12 @@ def work(cfg: StudyConfig, data: ImageData, split: Split, index: int) -> int:
     signal.signal(signal.SIGINT, lambda s, f: stop.append(True))  # finish the epoch, then stop
     try:
         search.run_worker(
-            cfg, data, split, Tracker(cfg), worker=index, should_stop=lambda: bool(stop)
+            cfg,
+            data,
+            split,
+            Tracker(cfg, data=DataRef.of(data, split)),
+            worker=index,
+            should_stop=lambda: bool(stop),
         )
         return 0
     except Interrupted as e:

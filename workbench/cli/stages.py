@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -14,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from workbench import export, graph, infer, search
+from workbench import export, graph, infer, search, views
+from workbench.cli import candidates
+from workbench.cli.student import package as package_student
+from workbench.cli.student import plan as plan_student
 from workbench.config import StudyConfig, resolved
 from workbench.console import console, ladder_notes, ladder_table, print_wide
 from workbench.data import ImageData, Split
@@ -22,15 +26,12 @@ from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
 from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
-from workbench.results import Cost
 from workbench.runtime import configure_threads, release_file_pages
 from workbench.store import RunStore
 from workbench.tracking import CHAMPION, Tracker
 
 if TYPE_CHECKING:
-    import torch
-
-    from workbench.ensemble.members import Member, Refit
+    pass
 
 REPORTS = Path("reports")  # reports/<study>.html, beside the study files
 
@@ -145,11 +146,16 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     configure_threads(1)
     release_file_pages()  # what loading the libraries touched (~250 MB): not this stage's pages
     store = RunStore(cfg.out, tracker.remote())
-    members, refits = _candidates(cfg, store, split)
+    members, refits = candidates.from_search(cfg, store, split)
+    plain = len(members)
+    members += candidates.tta_members(cfg, members, ds, split)
     test = HeldOut(ds.y[split.test_idx].numpy(), list(ds.classes), split.fingerprint)
     x_test = ds.rows(split.test_idx)
-    checkpoints = [m.checkpoints for m in members]
+    checkpoints = [m.checkpoints for m in members[:plain]]  # a TTA variant's are its plain one's
     refit_ckpts = [r.checkpoint for r in refits]
+    tta = views.resolve(cfg.ensemble.tta)
+    student = plan_student(cfg, ds, split, members, store)
+    taught = RunStore.refit_checkpoint(store.student_run) if student else None
     results = run_ensemble(
         members,
         ds.y[split.train_idx].numpy(),
@@ -157,11 +163,16 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         cfg.ensemble,
         store,
         cfg.seed,
-        lambda best: infer.test_probas(checkpoints, x_test, best, refits=refit_ckpts),
+        lambda best: infer.test_probas(
+            checkpoints, x_test, best, refits=refit_ckpts, views=tta, student=taught
+        ),
         cfg.cv.metric,
         cfg.cv.folds,
-        lambda: _costs(members, refits, ds.images(split.test_idx[: infer.COST_BATCH])),
+        lambda: candidates.costs(
+            members, refits, ds.images(split.test_idx[: infer.COST_BATCH]), taught
+        ),
         refits,
+        student,
     )
     if results.reused and store.final.exists():
         console.print(
@@ -178,16 +189,26 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
             test.classes,
             ds.in_shape,
             ds.preprocess,
+            {m.name: list(m.spec.views) for m in members if m.spec.views},
         )
+        if student is not None:
+            package_student(cfg, ds, store)
         final = FinalEnsemble.load(store.final)  # once: the ONNX check and the package use it
         onnx = _export_onnx(final, store, ds, split)
         run_id = ""
         if tracker.enabled:
             pixels = ds.pixels[split.test_idx[:2]].numpy()
-            package = export.packaged(final, store.final, pixels, ds.scale, {"onnx": str(onnx)})
+            onnx_files = [str(p) for p in graph.files(onnx)]
+            package = export.packaged(final, store.final, pixels, ds.scale, {"onnx": onnx_files})
+            if student is not None:
+                taught_model = FinalEnsemble.load(store.student)
+                packed = export.packaged(taught_model, store.student, pixels, ds.scale, {})
+                package = dataclasses.replace(package, student=packed)
             run_id = tracker.log_ensemble(results, package)
         if run_id:  # where the loadable model is: mlflow.pyfunc.load_model(model_uri)
             link = {"run_id": run_id, "model_uri": f"runs:/{run_id}/model", "uri": tracker.uri}
+            if student is not None:
+                link["student_uri"] = f"runs:/{run_id}/student"
             atomic_write(store.mlflow_link, lambda f: f.write(json.dumps(link).encode()))
             console.print(f"final model: {link['model_uri']} (MLflow store {tracker.uri})")
     print_wide(ladder_table(results))
@@ -195,37 +216,14 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         console.print(escape(line), highlight=False)
 
 
-def _costs(members: list[Member], refits: list[Refit], images: torch.Tensor) -> dict[str, Cost]:
-    """Each member's and refit's inference cost, measured now on 1 thread (the stage's)."""
-    costs = {m.name: infer.member_cost(m.checkpoints, images) for m in members}
-    return costs | {r.name: infer.member_cost([r.checkpoint], images) for r in refits}
-
-
-def _candidates(
-    cfg: StudyConfig, store: RunStore, split: Split
-) -> tuple[list[Member], list[Refit]]:
-    """What the search completed, as the ensemble stage's members and refits (each run's files
-    checked), with a warning line for each one missing; every candidate's checkpoints are
-    listed in candidates.json, so that `predict --member` can run any one alone."""
-    from workbench.ensemble.members import Found, discover, load_members
-
-    storage, found = search.open_storage(cfg), []
-    for model in cfg.models:
-        trials = search.completed_trials(cfg, model, storage)[: cfg.ensemble.top_k]
-        runs = {
-            kind: search.followup_record(cfg, model, storage, trials[0], kind) if trials else None
-            for kind in search.followup_kinds(cfg)
-        }
-        found.append(Found(model, trials, runs.get("snapshots"), runs.get("refit")))
-    e = cfg.ensemble
-    specs, refits, unopened = discover(found, store, cfg.cv.metric, e.snapshots, e.refit)
-    members, skipped = load_members(specs, split.train_idx, cfg.cv.folds)
-    for line in unopened + skipped:
-        console.print(f"[yellow]warning:[/] {line}")
-    listed = {m.name: [store.relative(p) for p in m.checkpoints] for m in members}
-    listed |= {r.name: [store.relative(r.checkpoint)] for r in refits}
-    atomic_write(store.candidates, lambda f: f.write(json.dumps(listed, indent=1).encode()))
-    return members, refits
+def _external_note(path: Path) -> str:
+    """What a user must know of a graph whose weights are in a file beside it."""
+    data = graph.data_file(path)
+    if not data.exists():
+        return ""
+    return (
+        f"; its weights are in {data.name} beside it (over 2 GB as one file): keep the two together"
+    )
 
 
 def _export_onnx(final: FinalEnsemble, store: RunStore, ds: ImageData, split: Split) -> Path:
@@ -235,6 +233,6 @@ def _export_onnx(final: FinalEnsemble, store: RunStore, ds: ImageData, split: Sp
     console.print(
         f"ONNX graph: {store.onnx} ({checked.bytes / 1e6:.1f} MB; on {checked.rows} test rows "
         f"labels equal, max |p - p_torch| {checked.max_abs_diff:.1e}; "
-        f"{time.perf_counter() - t0:.1f} s)"
+        f"{time.perf_counter() - t0:.1f} s)" + _external_note(store.onnx)
     )
     return store.onnx

@@ -24,6 +24,7 @@ import typer
 from rich.markup import escape
 
 from workbench.cli.commands import DataOpt, StudyFile, _fail, app, prepare
+from workbench.cli.preflight import check_out_file
 from workbench.config import StudyConfig, load_study
 from workbench.console import console, labels_table
 from workbench.errors import ConfigError, ExportError, WorkbenchError
@@ -41,8 +42,8 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="final model folder, runs:/<id>/model or models:/<name>@<alias>; "
-        "default: the study's own",
+        help="final model folder, runs:/<id>/model or models:/<name>@<alias>, or `student` "
+        "(the study's distilled student); default: the study's own",
     ),
 ]
 MemberOpt = Annotated[
@@ -59,6 +60,9 @@ MaxChangeOpt = Annotated[
 ]
 
 
+STUDENT = "student"  # --model student: the study's distilled student (store.student)
+
+
 def final_model(
     cfg: StudyConfig, file: Path, model: str | None, member: str | None
 ) -> FinalEnsemble:
@@ -66,6 +70,14 @@ def final_model(
     if model and model.startswith(MODEL_SCHEMES):
         with tempfile.TemporaryDirectory(prefix="workbench-model-") as tmp:
             final = FinalEnsemble.load(download_model(cfg, model, Path(tmp)))
+    elif model == STUDENT:
+        folder = RunStore(cfg.out).student
+        if not RunStore.is_final(folder):
+            raise ConfigError(
+                f"no distilled student in {folder}: add a [distill] section to {file} "
+                f"(model = one of {sorted(cfg.models)}) and run `workbench ensemble {file}`"
+            )
+        final = FinalEnsemble.load(folder)
     else:
         folder = Path(model) if model else RunStore(cfg.out).final
         if not (folder / "ensemble.json").is_file():
@@ -82,13 +94,15 @@ def final_model(
         name: [root / p for p in paths]
         for name, paths in (json.loads(listed.read_text()) if listed.exists() else {}).items()
     }
-    return final.member(member, candidates)
+    return final.member(member, candidates, cfg.ensemble.tta)
 
 
 def scored(model: str | None, member: str | None) -> str:
     """What a command scores, as its look at the test split names it."""
     if member:
         return f"member {member}"
+    if model == STUDENT:
+        return "the distilled student"
     return f"the model {model}" if model else "the final model"
 
 
@@ -124,6 +138,7 @@ def predict(
 
     configure_threads(1)
     try:
+        check_out_file(out, "--out", (".csv", ".parquet"))  # before any work
         cfg = load_study(file)
         final = final_model(cfg, file, model, member)
         files = predicting.image_files(images)
@@ -177,6 +192,9 @@ def export(
     data: DataOpt = None,
     model: ModelOpt = None,
     member: MemberOpt = None,
+    student: Annotated[
+        bool, typer.Option("--student", help="the distilled student, as --model student")
+    ] = False,
 ) -> None:
     """Write the final model as one ONNX graph, checked with onnxruntime on the test split."""
     from workbench import graph
@@ -188,10 +206,17 @@ def export(
                 f"--max-label-change must lie in [0, 1] (a share of the test rows: 0.01 is 1 %), "
                 f"got {max_label_change:g}"
             )
+        check_out_file(onnx, "--onnx")
         cfg, ds, split = prepare(file, data, None, "ensemble")  # the ensemble stage's checks
+        model = STUDENT if student else model
         final = final_model(cfg, file, model, member)
         x, y = ds.rows(split.test_idx), ds.y[split.test_idx].numpy()
         checked = graph.export_onnx(final, onnx, x, y)
+        if graph.data_file(onnx).exists():
+            console.print(
+                f"{onnx}: the weights pass one ONNX file's 2 GB limit, so they are in "
+                f"{graph.data_file(onnx)} beside it: keep the two together"
+            )
         what = scored(model, member)
         n = count_look(cfg, "export", what, checked.rows, checked.accuracy)
         console.print(

@@ -27,6 +27,7 @@ from workbench.config import DataConfig
 from workbench.data.images import Decoded, ImageData, Pages, fingerprint_of
 from workbench.data.photos import Policy
 from workbench.data.sources import Source, find_source
+from workbench.data.space import check_room
 from workbench.files import atomic_write
 
 _VERSION = 1  # of the store's format and decoding: a change makes every store be rebuilt
@@ -36,16 +37,21 @@ _PROGRESS_MIN = 256  # files: smaller sources decode without a progress bar
 def load_data(cfg: DataConfig, path: str | None = None, folder: Path | None = None) -> ImageData:
     """The dataset named by `cfg` (`path`: the CLI's --data), from the store in `folder`.
 
-    Builds the store when it is missing or the source changed. With `folder = None` the data are
+    Builds the store when it is missing or the source changed, once its size is known to fit on
+    the disk and in memory (workbench/data/space.py). With `folder = None` the data are
     decoded into memory and nothing is kept (tests, benchmarks)."""
     source = find_source(cfg, path)
     key = source_key(source)
     if folder is None:
         with tempfile.TemporaryDirectory() as tmp:
+            check_room(source, Path(tmp), in_memory=True)
             data = _build(source, key, Path(tmp))
             return _in_memory(data)
     found = open_store(folder, key)
-    return found if found is not None else _build(source, key, folder)
+    if found is not None:
+        return found
+    check_room(source, folder)  # before decoding: a store that cannot fit is one line
+    return _build(source, key, folder)
 
 
 def source_key(source: Source) -> str:

@@ -210,9 +210,11 @@ def read_folder(
         )
     keep = np.array([o.error is None for o in done])
     gray = all(o.gray for o in done if o.error is None)
-    pixels = np.load(out, mmap_mode="r")
-    if not keep.all() or gray:  # one pass that drops bad rows and the copied grey channels
-        pixels = pixels[keep][:, :1] if gray else pixels[keep]
+    pixels = np.load(out, mmap_mode="r")  # the store is written from this file, not memory
+    if gray:  # a view: grey photos were decoded into three equal channels
+        pixels = pixels[:, :1]
+    if not keep.all():  # the one copy in memory: the rows kept, once files were skipped
+        pixels = pixels[keep]
     if not keep.any():
         raise DataError(f"no image in {root} could be decoded; the first: {bad[0][0]} {bad[0][1]}")
     return Decoded(
@@ -228,6 +230,13 @@ def read_folder(
 def class_files(root: Path, extensions: set[str]) -> dict[str, list[Path]]:
     """{class name: sorted image files below its folder}; hidden files and other types skipped."""
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in extensions]
+    if not folders and loose:
+        raise DataError(
+            f"image folder {root} holds {len(loose)} image file(s) but no class subfolders; "
+            f"data.source = 'folder' reads one subfolder of images per class "
+            f"({root}/<class>/<image>): move each class's images into a folder named after it"
+        )
     if len(folders) < 2:
         raise DataError(
             f"image folder {root} has {len(folders)} class subfolder(s) {[d.name for d in folders]}"

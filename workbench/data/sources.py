@@ -73,9 +73,15 @@ def _existing_path(cfg: DataConfig, path: str | None) -> Path:
             f"data.path {str(p)!r} does not exist (data.source = {cfg.source!r} reads "
             f"{_WANTS[cfg.source]})"
         )
+    if cfg.source in _FOLDERS and not p.is_dir():
+        raise DataError(
+            f"data.path {str(p)!r} is a file, but data.source = {cfg.source!r} reads "
+            f"{_WANTS[cfg.source]}; point data.path (or --data) at that folder"
+        )
     return p
 
 
+_FOLDERS = ("torchvision", "folder")  # sources whose path must be a folder (idx: file or folder)
 _WANTS = {
     "idx": "a folder of MNIST-style *-images-idx3-ubyte[.gz] / *-labels-idx1-ubyte[.gz] files",
     "torchvision": "a torchvision dataset root, the folder passed as `root=`",
@@ -167,6 +173,27 @@ def _idx_sets(path: Path) -> list[tuple[str, Path, Path]]:
         f"{path} holds {len(sets)} IDX image sets {sorted(sets)}; expected one set, or one "
         f"train-* and one t10k-*/test-* set. Point data.path at one images file instead."
     )
+
+
+def idx_dims(root: Path) -> list[tuple[int, ...]]:
+    """The sizes in the header of each IDX images file of `root`, (N, H, W) each: the first 16
+    bytes of each read (decompressed), no pixels."""
+    return [_idx_header(images) for _, images, _ in _idx_sets(root)]
+
+
+def _idx_header(path: Path) -> tuple[int, ...]:
+    magic, ndim = _IDX_MAGIC["images"]
+    size = 4 + 4 * ndim  # bytes: magic + sizes
+    try:
+        with path.open("rb") as f:
+            zipped = f.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if zipped else path.open("rb") as f:
+            raw = f.read(size)
+    except (OSError, EOFError):
+        raw = b""
+    if len(raw) < size or int.from_bytes(raw[:4], "big") != magic:
+        _read_idx(path, "images")  # reads the file whole, and raises the error that says why
+    return tuple(int(v) for v in np.frombuffer(raw, ">u4", count=ndim, offset=4))
 
 
 def _read_idx(path: Path, kind: str) -> np.ndarray:

@@ -185,12 +185,18 @@ class SoftVoting(_Combiner):
         return _user_weights(self.weights, len(P), "SoftVoting")
 
 
+MIN_WEIGHT = 1e-6  # WeightedAverage: a lesser weight moves no probability by more than this
+
+
 class WeightedAverage(_Combiner):
     """Simplex weights minimising the log loss of the weighted mean on the fit rows.
 
     The loss is convex in the weights (minus the log of a linear function), so SLSQP with bounds
-    [0, 1] and sum = 1 finds the global optimum and exact zeros for useless members; it starts
-    from uniform weights and is deterministic. Attributes: `loss_` (fit log loss, nats), `n_iter_`.
+    [0, 1] and sum = 1 finds the global optimum and zeros for useless members; it starts from
+    uniform weights and is deterministic. SLSQP's zeros can be 1e-17 rather than 0 (seen on a
+    useless TTA candidate); weights under MIN_WEIGHT are made 0, so such a member does not
+    ride along in the final model at a whole member's inference cost. Attributes: `loss_` (fit
+    log loss, nats), `n_iter_`.
     Evidence: 50 members x 10 000 rows x 10 classes, 12 iterations, 0.6 s on 2 CPU cores.
     """
 
@@ -221,8 +227,8 @@ class WeightedAverage(_Combiner):
         )
         if not res.success:
             warnings.warn(f"WeightedAverage: SLSQP stopped early: {res.message}", stacklevel=3)
-        w = np.clip(res.x, 0.0, None)
-        w /= w.sum()
+        w = np.where(res.x < MIN_WEIGHT, 0.0, res.x)
+        w = w / w.sum() if w.sum() > 0 else np.full(m, 1.0 / m)
         self.loss_, self.n_iter_ = float(mean_log_loss(w @ Q)), int(res.nit)
         return w
 

@@ -4,8 +4,10 @@
     <model> on all rows   a model's best configuration retrained once on every training row
                      (`[ensemble] refit`; compared with one network)
     k-fold bag       the mean of those fold models: what cross-validation already trained
+    k-fold bag with TTA the same fold models averaged over test-time views too (`[ensemble] tta`)
     <combiner>       each combiner over every candidate member, fit on OOF rows
     final            what ships (ensemble/choice.py), with its temperature
+    student          one network distilled from what ships (`[distill]`; compared with final)
 
 Every rung is scored on the stage's one look at the test split: accuracy, macro-F1, log loss,
 ECE, Brier, with a paired bootstrap CI against the rung below and against one network. Against
@@ -32,6 +34,9 @@ ADDS = {  # one sentence per rung: what it adds to the rung below
     "rows held out): what one would otherwise train and ship after a search.",
     "k-fold bag": "Averages the fold models cross-validation already trained: no extra training, "
     "k times the inference.",
+    "k-fold bag with TTA": "The same fold models, each also predicting the declared test-time "
+    "views of every image, all averaged: no extra training, (1 + views) times the bag's "
+    "inference.",
     "hard_voting": "A weighted majority vote of every candidate's labels; its probabilities are "
     "the vote shares calibrated by a temperature fit on OOF rows.",
     "soft_voting": "The plain mean of every candidate member's probabilities, across "
@@ -40,6 +45,8 @@ ADDS = {  # one sentence per rung: what it adds to the rung below
     "not help).",
     "selection": "Greedy ensemble selection (Caruana et al. 2004) on OOF rows: members added, "
     "with repeats, while they help.",
+    "student": "One network trained on every training row to match what ships, on out-of-fold "
+    "probabilities only, and the labels: one network's inference cost.",
     "final": "What ships: the best combiner, or the best member alone when the combiner's OOF "
     "edge is within the noise, temperature-scaled on OOF rows.",
 }
@@ -56,9 +63,10 @@ class Scored:
 
     y: np.ndarray
     probas: TestProbas
-    best: int  # the best member (its k-fold bag)
+    best: int  # the best member by CV score, plain or TTA: what ships alone
     n_boot: int
     seed: int
+    base: int  # the plain member of `best` (itself when plain): its k-fold bag, its fold models
 
     def paired(self, proba: Any, pred: Any, b_proba: np.ndarray, against: str) -> Paired:
         b_pred = b_proba.argmax(1)
@@ -125,8 +133,10 @@ def ladder(
     final: Any,
     costs: dict[str, Cost],
     refits: Sequence[Refit] = (),
+    student: str = "",
 ) -> list[Rung]:
-    P, folds, best = s.probas.members, s.probas.folds, members[s.best]
+    """Every rung, bottom up; `student` labels the distilled student's (TestProbas.student)."""
+    P, folds, best = s.probas.members, s.probas.folds, members[s.base]
     k = len(folds)
     each = [scores(p, s.y) for p in folds]
     network = Rung(
@@ -141,7 +151,7 @@ def ladder(
         ),
         cost=_cost([costs.get(best.name)], 1 / k),
     )
-    bag_p = P[s.best]
+    bag_p = P[s.base]
     vs_net = s.vs_network(bag_p, bag_p.argmax(1))
     rungs = [network, *_refits(s, refits, costs)]
     rungs.append(
@@ -156,6 +166,7 @@ def ladder(
             cost=_cost([costs.get(best.name)]),
         )
     )
+    rungs += _tta_bag(s, members, costs, bag_p)
     for name, comb in fitted.items():
         rungs.append(
             _combined(s, name, "combiner", name, comb, members, costs, "k-fold bag", bag_p)
@@ -164,10 +175,31 @@ def ladder(
     label = (f"{choice.shipped} alone" if choice.alone else f"{choice.shipped} ensemble") + (
         f", temperature-scaled (T = {t:.3g})" if t else ""
     )
-    below = "k-fold bag" if choice.alone else choice.best_method
-    b_proba = bag_p if choice.alone else fitted[below].predict_proba(P)
+    if choice.alone:  # the shipped member is `best`: the bag, or the bag with its views
+        below = "k-fold bag with TTA" if s.best != s.base else "k-fold bag"
+        b_proba = P[s.best]
+    else:
+        below, b_proba = choice.best_method, fitted[choice.best_method].predict_proba(P)
     rungs.append(_combined(s, "final", "final", label, final, members, costs, below, b_proba))
+    if s.probas.student is not None:
+        rungs.append(_student(s, student, final.predict_proba(P), costs))
     return rungs
+
+
+def _student(s: Scored, label: str, final_p: np.ndarray, costs: dict[str, Cost]) -> Rung:
+    """The distilled student, compared with what it imitates (final) and with one network."""
+    p = s.probas.student
+    assert p is not None
+    return Rung(
+        name="student",
+        kind="student",
+        label=label,
+        adds=ADDS["student"],
+        test=scores(p, s.y),
+        vs_below=s.paired(p, p.argmax(1), final_p, "final"),
+        vs_network=s.vs_network(p, p.argmax(1)),
+        cost=_cost([costs.get("student")]),
+    )
 
 
 def _combined(
@@ -218,3 +250,28 @@ def _refits(s: Scored, refits: Sequence[Refit], costs: dict[str, Cost]) -> list[
             )
         )
     return rungs
+
+
+def _tta_bag(
+    s: Scored, members: list[Member], costs: dict[str, Cost], bag_p: np.ndarray
+) -> list[Rung]:
+    """The best configuration's bag over its test-time views, compared with the bag: none when
+    the study declares no views."""
+    name = members[s.base].name
+    tta = [i for i, m in enumerate(members) if m.spec.views and m.base == name]
+    if not tta:
+        return []
+    p, m = s.probas.members[tta[0]], members[tta[0]]
+    return [
+        Rung(
+            name="k-fold bag with TTA",
+            kind="bag",
+            label=f"{m.name}: its {len(s.probas.folds)} fold models over the image and the views "
+            f"{', '.join(m.spec.views)}",
+            adds=ADDS["k-fold bag with TTA"],
+            test=scores(p, s.y),
+            vs_below=s.paired(p, p.argmax(1), bag_p, "k-fold bag"),
+            vs_network=s.vs_network(p, p.argmax(1)),
+            cost=_cost([costs.get(m.name)]),
+        )
+    ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from workbench import evaluate
 from workbench.errors import CheckpointError
 from workbench.files import load_npz
 from workbench.store import RunStore
+from workbench.views import TTA
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class MemberSpec:
     kind: str  # "trial" | "snapshot"
     cv_score: float  # the study metric, mean over folds
     dir: Path  # holds fold-<k>.pt and oof.npz
+    views: tuple[str, ...] = ()  # a TTA variant's test-time views (workbench/views.py)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,28 @@ class Member:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def base(self) -> str:
+        """The plain member a TTA variant averages views of (itself when plain)."""
+        return self.name.removesuffix(TTA) if self.spec.views else self.name
+
+
+def tta_member(
+    member: Member,
+    oof: np.ndarray,
+    y: np.ndarray,
+    folds: Sequence[np.ndarray],
+    metric: str,
+    views: Sequence[str],
+) -> Member:
+    """`member`'s TTA variant as one more candidate, from its out-of-fold probabilities over
+    `views` (workbench/infer.py `tta_oof`). Its CV score is the mean over `folds` (validation
+    positions) of the metric on each fold's rows, as a trial's is, so that "the best member"
+    compares the two alike."""
+    score = float(np.mean([evaluate.scores(oof[va], y[va])[metric] for va in folds]))
+    spec = replace(member.spec, name=member.name + TTA, cv_score=score, views=tuple(views))
+    return Member(spec, oof, member.checkpoints)
 
 
 def load_member(spec: MemberSpec, train_rows: np.ndarray, folds: int) -> Member:

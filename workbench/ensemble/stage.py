@@ -5,10 +5,13 @@ once, and lay out the ladder of what each step buys.
    combiner is fit on. Each method is also cross-validated over the OOF rows, in the study's
    `cv.folds` stratified folds (fewer when a class has fewer rows, so every fold holds every
    class): that estimate, not the test set, chooses.
+   With `[ensemble] tta`, every member's TTA variant is one more candidate, its OOF rows
+   averaged over the views too (workbench/infer.py), chosen or passed over like any other.
 2. The best combiner ships only when it beats the best member alone by more than the noise of
-   that estimate (ensemble/choice.py); otherwise the final model is the best member.
+   that estimate (ensemble/choice.py); otherwise the final model is the best member. With
+   `[distill]`, the caller's `Student` then trains against what ships, on OOF rows only.
 3. The held-out test split is looked at here, once: every member, every method, the best
-   configuration's fold models each alone, and the final rule are scored together on the
+   configuration's fold models each alone, the final rule and the student are scored on the
    probabilities the caller's `predict` gives (member inference is workbench/infer.py; this
    module works on arrays and imports no torch). The result (workbench/results.py) is stored with
    a fingerprint of its inputs; rerunning on unchanged inputs reuses it without calling
@@ -58,6 +61,16 @@ MISCLASSIFIED_SHOWN = 64  # the report's grid of misclassified test images
 
 
 @dataclass(frozen=True)
+class Student:
+    """The distilled student (workbench/distill.py), trained by the caller when the stage says:
+    after the shipped rule is fit on out-of-fold rows, before the look at the test split."""
+
+    key: str  # what it is (its configuration): part of the stored result's fingerprint
+    label: str  # the ladder's label, e.g. "cnn/trial-4's configuration, distilled"
+    train: Callable[[dict[str, Any]], None]  # given the shipped rule (weights over candidates)
+
+
+@dataclass(frozen=True)
 class HeldOut:
     y: np.ndarray  # (rows,) labels of the test split
     classes: list[str]
@@ -102,9 +115,14 @@ def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.nd
 
 
 def fingerprint(
-    members: list[Member], cfg: EnsembleConfig, test: HeldOut, refits: Sequence[Refit] = ()
+    members: list[Member],
+    cfg: EnsembleConfig,
+    test: HeldOut,
+    refits: Sequence[Refit] = (),
+    student: str = "",
 ) -> str:
     h = hashlib.sha256(f"format {FORMAT}".encode() + cfg.model_dump_json().encode())
+    h.update(student.encode())
     h.update(test.split_fingerprint.encode())
     h.update(" ".join(r.name for r in refits).encode())
     for m in members:
@@ -140,20 +158,24 @@ def run_ensemble(
     folds: int = 5,
     costs: Callable[[], dict[str, Cost]] | None = None,
     refits: Sequence[Refit] = (),
+    student: Student | None = None,
 ) -> EnsembleResult:
     """Fit, choose, evaluate once; returns (and stores) the result. `predict(best)` gives the
-    test probabilities, member `best`'s fold models each alone and the `refits`' networks; it
+    test probabilities in the members' order, member `best`'s fold models each alone (always a
+    plain member: a TTA variant's is its plain one) and the `refits`' networks; it
     is called only when the stored evaluation cannot be reused. `folds`: the study's cv.folds.
     `costs()`: each member's and refit's inference cost, measured after the look (None: the
-    ladder shows no costs)."""
+    ladder shows no costs). `student`: trained before the look, scored in it (its test
+    probabilities are TestProbas.student)."""
     if not members:
         raise WorkbenchError("no completed trials to ensemble: run the search first")
-    key = fingerprint(members, cfg, test, refits)
+    key = fingerprint(members, cfg, test, refits, student.key if student else "")
     if (previous := stored(store, key)) is not None:
         return previous
     t0 = time.perf_counter()
     P = np.stack([m.oof for m in members])
     best = best_member(members, metric)
+    base = [m.name for m in members].index(members[best].base)
     fitted: dict[str, Any] = {}
     cv_proba: dict[str, np.ndarray] = {}
     for name in cfg.methods:  # 1) fit on OOF rows only
@@ -163,7 +185,14 @@ def run_ensemble(
     names = [m.name for m in members]
     choice = choose(P, y_train, cv_proba, names, best, cfg.bootstrap, seed, cfg.ship)
     final = shipped_rule(choice, fitted, best, P, y_train, cfg.temperature)
-    probas = predict(best)  # 2) the one look at the test split
+    if student is not None:
+        student.train(combiner_state(final))
+    probas = predict(base)  # 2) the one look at the test split
+    if len(probas.members) != len(members):
+        raise WorkbenchError(
+            f"member inference gave {len(probas.members)} members' test probabilities for "
+            f"{len(members)} candidates"
+        )
     looks = store.count_test_look(
         TestLook(
             command="ensemble",
@@ -173,11 +202,13 @@ def run_ensemble(
         )
     )
     member_costs = costs() if costs else {}
-    ladder_in = Scored(test.y, probas, best, cfg.bootstrap, seed)
+    ladder_in = Scored(test.y, probas, best, cfg.bootstrap, seed, base)
     oof = {n: evaluate.scores(c.predict_proba(P), y_train) for n, c in fitted.items()}
     # every combiner and the final rule are scored once, as rungs; their records reuse that
+    label = student.label if student else ""
     rungs = {
-        r.name: r for r in ladder(ladder_in, members, fitted, choice, final, member_costs, refits)
+        r.name: r
+        for r in ladder(ladder_in, members, fitted, choice, final, member_costs, refits, label)
     }
     result = EnsembleResult(
         fingerprint=key,
@@ -231,7 +262,7 @@ def _final(s: Scored, shipped: str, final: Any, test: Scores) -> FinalResult:
     """What ships: its rule, its test scores (the ladder's final rung), its comparison with the
     bag and its reliability bins."""
     proba, pred = final.predict_proba(s.probas.members), final.predict(s.probas.members)
-    bag = s.probas.members[s.best]
+    bag = s.probas.members[s.base]
     return FinalResult(
         method=shipped,
         rule=Rule(**combiner_state(final)),

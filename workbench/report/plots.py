@@ -24,10 +24,10 @@ from markupsafe import Markup, escape
 from matplotlib import image as mpimg
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator
 
 from workbench.report.inputs import ModelSection
-from workbench.results import Reliability
+from workbench.results import Reliability, Rung
 
 STYLE = {
     "svg.fonttype": "path",  # glyphs as paths: no fonts needed, no text to inject
@@ -303,3 +303,33 @@ def reliability(
     bottom.set(xlabel="confidence (top-class probability)", ylabel="rows")
     bottom.grid(axis="x", visible=False)
     return svg(fig, "reliability diagram")
+
+
+@styled
+def tradeoff(rungs: Sequence[Rung]) -> Markup | None:
+    """Test accuracy against inference ms per image, one labelled point per ladder rung with a
+    measured cost (log x: one network and a 100-network vote on one chart); what ships in red."""
+    shown = [r for r in rungs if r.cost is not None and r.cost.ms_per_image > 0]
+    if len(shown) < 2:
+        return None
+    fig = figure(6.4, 4.2)
+    ax = fig.subplots()
+    at: dict[tuple[float, float], list[Rung]] = {}  # rungs on one point share one label
+    for r in shown:
+        assert r.cost is not None
+        at.setdefault((round(r.cost.ms_per_image, 6), round(100 * r.test.accuracy, 4)), []).append(
+            r
+        )
+    for xy, group in at.items():
+        kinds = {r.kind for r in group}
+        color = BEST if "final" in kinds else COLORS[0] if "student" in kinds else MUTED
+        ax.plot(*xy, marker="D" if "student" in kinds else "o", color=color, markersize=6)
+        text = " = ".join(label(r.name.replace("_", " "), 20) for r in group)
+        note(ax, text, xy, 6, 3, color=color, fontsize=8)
+    ax.margins(x=0.15, y=0.12)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set(xlabel="inference ms per image (batch 256, 1 CPU thread; log scale)")
+    ax.set(ylabel="test accuracy (%)")
+    ax.set_title("What each rung buys, against what it costs")
+    return svg(fig, "accuracy against inference cost per rung")

@@ -38,7 +38,7 @@ from workbench.report.format import (
     to_toml,
 )
 from workbench.report.inputs import ModelSection, ReportInputs
-from workbench.results import EnsembleResult, Interval, Misclassified, Paired
+from workbench.results import EnsembleResult, Interval, Misclassified, Paired, student_sentence
 
 METRICS = [  # (key, label, higher is better) of the ensemble tables
     ("accuracy", "accuracy", True),
@@ -211,6 +211,8 @@ def _ensemble_view(inputs: ReportInputs) -> dict[str, Any] | None:
             "member",
             cmap="Oranges",
         ),
+        "tradeoff": plots.tradeoff(e.ladder),
+        "student_keeps": student_sentence(k) if (k := e.student_keeps()) is not None else None,
         "reliability": plots.reliability(
             final.reliability,
             final.bag_reliability,

@@ -26,6 +26,9 @@ with user attr `interrupted` and a copy with the same parameters is queued (as f
 worker), so the next worker to start runs it. A retry (of a dead worker's trial or of an
 interrupted one) inherits its first try's folder, keeps the folds completed there and trains
 only the missing ones, with the seeds the first try would have used (user attr `first_try`).
+A trial whose files the disk cannot take (search/room.py, checked before it writes anything) is
+queued again the same way (user attr `disk_short`), and its worker stops with a SpaceError that
+says what the trial needs and what is free.
 
 Follow-up runs are trials too (search/followups.py): once a model's search has nothing running
 or queued, a worker queues one trial in the model's `<study>/<model>/snapshots` study
@@ -39,7 +42,9 @@ On disk: the run store's layout (workbench/store.py). A completed trial records 
 
 from optuna.storages import RDBStorage
 
+from workbench.search import dashboard
 from workbench.search.followups import pending as pending_followups
+from workbench.search.followups import refit_hp
 from workbench.search.results import (
     ModelProgress,
     TrialRecord,
@@ -47,6 +52,7 @@ from workbench.search.results import (
     followup_record,
     importances,
     progress,
+    scores,
     trial_rows,
 )
 from workbench.search.storage import (
@@ -79,6 +85,7 @@ __all__ = [
     "_has_work",
     "completed_trials",
     "create_studies",
+    "dashboard",
     "followup_kinds",
     "followup_record",
     "followup_study",
@@ -89,8 +96,10 @@ __all__ = [
     "pending_followups",
     "preload",
     "progress",
+    "refit_hp",
     "run_worker",
     "sample_params",
+    "scores",
     "shown_url",
     "storage_url",
     "study_name",

@@ -38,14 +38,24 @@ def plan(cfg: StudyConfig, model: str, best: FrozenTrial, kind: str) -> dict[str
         hp.update(schedule="cosine_restarts", cycles=cycles)
         hp["epochs"] = max(int(hp.get("epochs", cfg.train.epochs)), cycles)  # >= 1 epoch a cycle
         return {"of_trial": best.number, "cycles": cycles, "hp": hp}
-    # a refit has no validation rows to stop on: with early stopping, it trains the epochs the
-    # fold models kept, on average (their best epochs are recorded on the trial)
+    hp = refit_hp(cfg, model, best.params, best.user_attrs)
+    return {"of_trial": best.number, "of_value": float(best.value or 0.0), "hp": hp}
+
+
+def refit_hp(
+    cfg: StudyConfig, model: str, params: dict[str, Any], attrs: dict[str, Any]
+) -> dict[str, Any]:
+    """A trial's configuration (its `params` and user `attrs`) for one network trained on every
+    training row: a refit, or a distilled student. No validation rows to stop on: with early
+    stopping, it trains the epochs the fold models kept, on average, plus one (their best
+    epochs are recorded on the trial)."""
+    hp: dict[str, Any] = {**cfg.models[model].params, **params}
     patience = int(hp.get("patience", cfg.train.patience))
-    best_epochs = best.user_attrs.get("best_epochs")
+    best_epochs = attrs.get("best_epochs")
     if patience and best_epochs:
         hp["epochs"] = round(sum(best_epochs) / len(best_epochs)) + 1
     hp["patience"] = 0
-    return {"of_trial": best.number, "of_value": float(best.value or 0.0), "hp": hp}
+    return hp
 
 
 def _key(trial: FrozenTrial | optuna.Trial) -> tuple[Any, Any]:

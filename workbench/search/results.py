@@ -4,6 +4,7 @@ hyperparameter importance (for the console, the ensemble stage and the report).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from workbench.config import StudyConfig
 from workbench.search.followups import completed
 from workbench.search.storage import DIRECTIONS, FINISHED, best_trial, study_name
+from workbench.tracking import TrialScore
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ def progress(cfg: StudyConfig, storage: RDBStorage) -> list[ModelProgress]:
         trials = study.get_trials(deepcopy=False)
         trials = [t for t in trials if not t.user_attrs.get("surplus")]
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
-        interrupted = sum(
-            t.state == TrialState.FAIL and "interrupted" in t.user_attrs for t in trials
+        interrupted = sum(  # Ctrl-C, or a disk without room for the trial's files
+            t.state == TrialState.FAIL and bool({"interrupted", "disk_short"} & set(t.user_attrs))
+            for t in trials
         )
         done = [t for t in trials if t.state in FINISHED and t.duration]
         best = best_trial(study)
@@ -135,6 +138,34 @@ def trial_rows(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[dict[s
             }
         )
     return rows
+
+
+def scores(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[TrialScore]:
+    """Every complete trial of a model study in trial-number order, with the best value so far:
+    the search's history as the `study:<model>` MLflow run draws it."""
+    study = optuna.load_study(study_name=study_name(cfg, model), storage=storage)
+    trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=_number)
+    best, better = best_trial(study), max if DIRECTIONS[cfg.cv.metric] == "maximize" else min
+    out, so_far = [], None
+    for t in trials:
+        value = float(t.value if t.value is not None else math.nan)
+        so_far = value if so_far is None else better(so_far, value)
+        std = t.user_attrs.get(f"cv_{cfg.cv.metric}_std")
+        out.append(
+            TrialScore(
+                number=t.number,
+                value=value,
+                std=math.nan if std is None else float(std),
+                best_so_far=so_far,
+                run_id=str(t.user_attrs.get("mlflow_run_id", "")),
+                is_best=best is not None and best.number == t.number,
+            )
+        )
+    return out
+
+
+def _number(t: FrozenTrial) -> int:
+    return t.number
 
 
 def importances(cfg: StudyConfig, model: str, storage: RDBStorage) -> dict[str, float]:

@@ -242,8 +242,15 @@ def create_studies(cfg: StudyConfig, storage: RDBStorage) -> dict[str, optuna.St
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+        out = []
+        for k in sorted(set(old) | set(new)):
+            if (k in old) != (k in new):  # a key one side lacks, even one whose value is None
+                was = repr(old[k]) if k in old else "absent"
+                now = repr(new[k]) if k in new else "absent"
+                out.append(f"{prefix}{k} ({was} -> {now})")
+            else:
+                out += _diff(old[k], new[k], f"{prefix}{k}.")
+        return out
     return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} -> {new!r})"]
 
 

@@ -21,10 +21,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from workbench.config import Choice, IntRange, Param, StudyConfig
 from workbench.cv import CrossValidator, Pruned, Report, run_state
 from workbench.data import ImageData, Split
-from workbench.errors import SearchError
+from workbench.errors import SearchError, SpaceError
 from workbench.events import Events, RunRef
 from workbench.runtime import derive_seed
-from workbench.search import followups
+from workbench.search import followups, room
 from workbench.search.storage import (
     TAKEN,
     followup_kinds,
@@ -113,7 +113,7 @@ class Objective:
         except UpdateFinishedTrialError:  # our heartbeats stalled past the grace period
             self.superseded = trial.number
             raise
-        except (Interrupted, optuna.TrialPruned, Surplus):  # each has its own path
+        except (Interrupted, optuna.TrialPruned, Surplus, SpaceError):  # each has its own path
             raise
         except Exception as e:  # not BaseException: a KeyboardInterrupt ends the worker
             raise self._failed(trial, e) from e
@@ -158,6 +158,7 @@ class Objective:
             hp = {**spec.params, **sample_params(trial, spec.space)}
             out, label, seed_label = store.trial(model, first), trial.number, first
             report = self._reporter(trial)
+        room.check(trial, self.cv, hp, out, first, self.follow_up)  # or stop, trial requeued
         run = self.tracker.start_trial(model, label, hp)
         trial.set_user_attr("mlflow_run_id", run)
         trial.set_user_attr("first_try", first)

@@ -22,6 +22,7 @@ from workbench.tracking.runs import Tracker
 from workbench.tracking.settings import tracking_uri
 
 CHAMPION = "champion"  # the alias the newest registered final model gets
+STUDENT = "student"  # the alias (and the logged model's name) of the distilled student
 
 
 def log_ensemble(tracker: Tracker, results: EnsembleResult, model: ModelPackaged) -> str:
@@ -41,6 +42,7 @@ def log_ensemble(tracker: Tracker, results: EnsembleResult, model: ModelPackaged
         ),
     ).info.run_id
     try:
+        tracker.log_data(run_id, "test")  # the data it was evaluated on, as a dataset input
         _log_ensemble(tracker, run_id, results, model)
     except BaseException:
         children = tracker.find_runs(
@@ -119,13 +121,17 @@ def _log_ensemble(
         )
         tracker.client.set_terminated(child, "FINISHED")
     _log_model(tracker, run_id, model)
+    if model.student is not None:
+        _log_model(tracker, run_id, model.student, STUDENT, STUDENT)
 
 
-def _log_model(tracker: Tracker, run_id: str, model: ModelPackaged) -> None:
-    """The final ensemble as one pyfunc model, with the files handed over (the ONNX graph)
-    beside it. Its code (the workbench package) travels with it (code_paths), so a fresh
-    process needs no install of ours; its requirements come packaged. With
-    `tracking.register_as`, the new version gets the alias `champion`."""
+def _log_model(
+    tracker: Tracker, run_id: str, model: ModelPackaged, name: str = "model", alias: str = CHAMPION
+) -> None:
+    """The final ensemble (or the distilled student, `name` "student") as one pyfunc model,
+    with the files handed over (the ONNX graph) beside it. Its code (the workbench package)
+    travels with it (code_paths), so a fresh process needs no install of ours; its
+    requirements come packaged. With `tracking.register_as`, the new version gets `alias`."""
     import mlflow
     from mlflow.models import ModelSignature, infer_signature
 
@@ -139,7 +145,7 @@ def _log_model(tracker: Tracker, run_id: str, model: ModelPackaged) -> None:
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model",
+                name=name,
                 python_model=_pyfunc_model(model.loader),
                 artifacts=model.artifacts,
                 code_paths=model.code_paths,
@@ -150,11 +156,13 @@ def _log_model(tracker: Tracker, run_id: str, model: ModelPackaged) -> None:
             )
     finally:
         quiet.setLevel(level)
-    for folder, path in model.files.items():
-        tracker.client.log_artifact(run_id, path, folder)
-    name = tracker.cfg.tracking.register_as
-    if name and info.registered_model_version is not None:
-        tracker.client.set_registered_model_alias(name, CHAMPION, info.registered_model_version)
+    for folder, paths in model.files.items():
+        for path in paths:
+            tracker.client.log_artifact(run_id, path, folder)
+    registered = tracker.cfg.tracking.register_as
+    if registered and info.registered_model_version is not None:
+        version = info.registered_model_version
+        tracker.client.set_registered_model_alias(registered, alias, version)
 
 
 def _scalars(prefix: str, record: BaseModel) -> dict[str, float]:

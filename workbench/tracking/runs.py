@@ -23,16 +23,24 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from workbench.config import StudyConfig, fingerprint, resolved
 from workbench.errors import StorageError
 from workbench.results import EnsembleResult
+from workbench.tracking import experiment as ui
+from workbench.tracking.experiment import DataRef, TrialScore
 from workbench.tracking.settings import artifact_root, flatten, git_commit, tracking_uri
 from workbench.tracking.writer import Writer
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# a tracking server's client prints "View run ... at: <url>" for every run it ends (and fetches
+# the run again to do it): hundreds of lines a study in the worker logs. The parent prints one
+# line instead (`Tracker.where`).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables"
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -58,9 +66,13 @@ FOLLOW_UP_KIND = {"snapshots": "snapshot", "refit": "refit"}  # a run label's wo
 class Tracker:
     """Everything a study sends to MLflow; one instance per process."""
 
-    def __init__(self, cfg: StudyConfig, enabled: bool | None = None) -> None:
+    def __init__(
+        self, cfg: StudyConfig, enabled: bool | None = None, data: DataRef | None = None
+    ) -> None:
         self.cfg = cfg
         self.enabled = cfg.tracking.enabled if enabled is None else enabled
+        self.data = data  # the study's data: the dataset input of study, trial, ensemble runs
+        self._configs: dict[str, str] = {}  # trial run -> its configuration (workbench.config)
         self.fingerprint = fingerprint(resolved(cfg))
         self.commit = git_commit() if self.enabled else "unknown"
         self._buffers: dict[str, list[Any]] = {}
@@ -102,12 +114,33 @@ class Tracker:
                     f"(mlflow experiments restore --experiment-id {exp.experiment_id}), delete it "
                     f"for good (mlflow gc), or set tracking.experiment to a new name."
                 )
-            self._experiment_id = (
-                exp.experiment_id
-                if exp
-                else self.client.create_experiment(name, artifact_location=artifact_root(self.cfg))
-            )
+            if exp is None:
+                self._experiment_id = self.client.create_experiment(
+                    name, artifact_location=artifact_root(self.cfg), tags={ui.KIND_TAG: ui.TRAINING}
+                )
+            else:  # one made before workbench set its kind opens on the GenAI view: fix it
+                self._experiment_id = exp.experiment_id
+                if ui.KIND_TAG not in exp.tags:
+                    self.client.set_experiment_tag(exp.experiment_id, ui.KIND_TAG, ui.TRAINING)
         return self._experiment_id
+
+    def describe(self, study_file: Path) -> None:
+        """The experiment's note: the study file's leading comment, the data, how to compare."""
+        if self.enabled:
+            note = ui.experiment_note(self.cfg, ui.description(study_file), self.data)
+            self.client.set_experiment_tag(self.experiment_id(), ui.NOTE_TAG, note)
+
+    def where(self) -> str:
+        """One line: where the experiment is in the UI (a server's page, or how to serve it)."""
+        if not self.enabled:
+            return "MLflow: off (tracking.enabled = false)"
+        name = self.cfg.tracking.experiment or self.cfg.name
+        return ui.where(name, self.uri, self.experiment_id())
+
+    def log_data(self, run_id: str, context: str) -> None:
+        """The study's data as the run's dataset input (MLflow keeps one copy per digest)."""
+        if self.data is not None:
+            self.client.log_inputs(run_id, [ui.dataset_input(self.data, context)])
 
     def tags(self, kind: str, model: str = "", **extra: Any) -> dict[str, str]:
         tags = {
@@ -116,9 +149,14 @@ class Tracker:
             "workbench.config_fingerprint": self.fingerprint,
             "mlflow.source.git.commit": self.commit,
         }
-        if model:
+        if model:  # its family (the registry's architecture) groups runs across model sections
             tags["workbench.model"] = model
+            tags["workbench.family"] = self._family(model)
         return {**tags, **{k: str(v) for k, v in extra.items()}}
+
+    def _family(self, model: str) -> str:
+        spec = self.cfg.models.get(model)
+        return (spec.arch if spec else None) or model
 
     def find_runs(self, filter_string: str) -> list[Any]:
         WRITER.flush()
@@ -149,6 +187,8 @@ class Tracker:
                 self._log_config(run_id)
             else:
                 raise RuntimeError(f"no MLflow study run for '{model}': the parent creates it")
+            if create:  # a resume on changed data adds the new digest
+                self.log_data(run_id, "train")
             self._study_runs[model] = run_id
         return self._study_runs[model]
 
@@ -159,9 +199,16 @@ class Tracker:
         self._log_params(run_id, params)
         self.client.log_dict(run_id, resolved(self.cfg), "config/study.resolved.json")
 
-    def end_study(self, model: str, summary: dict[str, float], status: str = "FINISHED") -> None:
+    def end_study(
+        self,
+        model: str,
+        summary: dict[str, float],
+        status: str = "FINISHED",
+        history: Sequence[TrialScore] = (),
+    ) -> None:
         """End the search stage of one model: close what dead workers left RUNNING, log the
-        summary values that changed (a resume that ran nothing adds nothing), end the study run."""
+        summary values that changed and the search's history (a resume that ran nothing adds
+        nothing), tag the best trial run, end the study run."""
         if not self.enabled:
             return
         WRITER.flush()
@@ -181,6 +228,10 @@ class Tracker:
         old = self.client.get_run(run_id).data.metrics
         changed = {k: v for k, v in summary.items() if not _same(old.get(k), v)}
         self.log_metrics(run_id, changed)
+        ui.log_history(self.client, run_id, ui.series(self.cfg.cv.metric, history))
+        best = {s.run_id for s in history if s.is_best and s.run_id}
+        tagged = self.find_runs(f"tags.`workbench.best` = 'true' and {self._ours(model)}")
+        ui.tag_best(self.client, best, {r.info.run_id for r in tagged})
         self.client.set_terminated(run_id, status)
 
     # --- trials and folds (workers) ------------------------------------------------------------
@@ -198,12 +249,14 @@ class Tracker:
             return ""
         from mlflow.entities import Param
 
-        run_id = WRITER.call(lambda: self._create_trial_run(model, label))
+        config = ui.config_id(self._family(model), params)
+        run_id = WRITER.call(lambda: self._create_trial_run(model, label, config))
         batch = [Param(k, str(v)) for k, v in params.items()]
         WRITER.defer(lambda: self._log_params(run_id, batch))
+        WRITER.defer(lambda: self.log_data(run_id, "train"))
         return run_id
 
-    def _create_trial_run(self, model: str, label: int | str) -> str:
+    def _create_trial_run(self, model: str, label: int | str, config: str) -> str:
 
         # an Optuna trial is a `trial` run; a follow-up run (string label "snapshots-of-3",
         # "refit-of-3") is a `snapshot` or `refit` run, and has no Optuna trial of the search
@@ -221,16 +274,20 @@ class Tracker:
                 **{
                     "mlflow.parentRunId": self.study_run(model),
                     "optuna.state": "RUNNING",
+                    "workbench.config": config,
                     **extra,
                 },
             ),
         )
+        self._configs[run.info.run_id] = config
         return str(run.info.run_id)
 
     def start_fold(self, trial_run: str, model: str, label: int | str, fold: int) -> str:
         if not self.enabled:
             return ""
-        extra = {"optuna.trial_number": label} if isinstance(label, int) else {}
+        extra: dict[str, Any] = {"optuna.trial_number": label} if isinstance(label, int) else {}
+        if trial_run in self._configs:
+            extra["workbench.config"] = self._configs[trial_run]
         run = self.client.create_run(
             self.experiment_id(),
             run_name=f"{self._name(model, label)}/fold-{fold}",
@@ -282,6 +339,7 @@ class Tracker:
         self, run_id: str, state: str, summary: dict[str, float], files: str | None
     ) -> None:
         # a fold run still open ended with its trial (e.g. saving its checkpoint failed)
+        self._configs.pop(run_id, None)
         for fold_run in self._open_folds.pop(run_id, []):
             self.end_fold(fold_run, "FAIL" if state == "COMPLETE" else state)
         self._buffer(run_id, summary, step=0)
