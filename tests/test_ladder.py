@@ -146,3 +146,16 @@ def test_hard_voting_is_scored_on_the_labels_its_predict_gives(tmp_path: Path) -
     # only the vote gets rows 0, 4, 5 right, only the bag row 3
     assert rung.vs_below is not None
     assert (rung.vs_below.mcnemar_b, rung.vs_below.mcnemar_c) == (3, 1)
+
+
+def test_a_combiner_clearly_worse_than_the_best_member_is_called_worse() -> None:
+    """The reason names the direction: a combiner whose every OOF row is less sure of the true
+    class than the member's is worse by more than the noise (here by ln 2 a row, exactly)."""
+    from workbench.ensemble.choice import choose
+
+    y = np.arange(200) % 2
+    member = np.where(np.eye(2)[y] == 1, 0.8, 0.2)  # 0.8 on the true class
+    worse = np.where(np.eye(2)[y] == 1, 0.4, 0.6)  # 0.4: a log loss ln 2 higher a row
+    choice = choose(member[None], y, {"soft_voting": worse}, ["m"], 0, 500, 0)
+    assert choice.alone and choice.oof_vs_member.diff == pytest.approx(np.log(2))
+    assert "worse by more than the noise, so the best member ships alone" in choice.reason

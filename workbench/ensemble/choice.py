@@ -42,7 +42,13 @@ def choose(
     clear = ci.ci_high < 0.0
     alone = not clear if ship == "auto" else ship == "member"
     span = f"{ci.diff:+.4f} nats a row (95 % CI {ci.ci_low:+.4f} to {ci.ci_high:+.4f})"
-    verdict = "better by more than the noise" if clear else "within the noise"
+    verdict = (
+        "better by more than the noise"
+        if clear
+        else "worse by more than the noise"
+        if ci.ci_low > 0.0
+        else "within the noise"
+    )
     then = (
         f"so the {'best member ships alone' if alone else 'ensemble ships'}"
         if ship == "auto"
