@@ -64,6 +64,16 @@ def test_space_kinds_are_read_from_the_toml_types(tmp_path: Path) -> None:
         ('name = "t"\n[models.cnn\n', r"study\.toml: TOML syntax error: .*line 2"),
         # unknown key, with the closest known one suggested
         (GOOD + "[train]\nepoch = 3\n", r"train\.epoch: unknown key; did you mean 'epochs'\?"),
+        # [distill]: a model section of the study, and its params checked as [train] keys
+        (
+            GOOD + '[distill]\nmodel = "vit"\n',
+            r"distill\.model = 'vit' is not a model section; the study's models: \['cnn'\]",
+        ),
+        (
+            GOOD + '[distill]\nmodel = "cnn"\nparams = { epochs = 0 }\n',
+            r"distill\.params\.epochs: 0 is not a valid `train\.epochs`",
+        ),
+        (GOOD + '[ensemble]\ntta = ["hflip", "spin"]\n', r"'spin' is not a test-time view"),
         (GOOD + "[cv]\nfold = 3\n", r"cv\.fold: unknown key; did you mean 'folds'\?"),
         # unknown key inside a search-space entry
         (

@@ -261,24 +261,22 @@ class StudyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _train_keys(self) -> StudyConfig:
-        """Every value a model's `params` and `space` give a [train] or [data.augment] key is
-        valid, alone and at the corners with the model's other values. Any other key is a model
-        factory's keyword, checked against its constraints by workbench/models."""
+        """Every value a model's `params` and `space` (and `[distill] params`) give a [train] or
+        [data.augment] key is valid, alone and at the corners with the model's other values. Any
+        other key is a model factory's keyword, checked against its constraints by
+        workbench/models."""
+        sources = [(f"models.{m}", spec.params, spec.space) for m, spec in self.models.items()]
+        if self.distill is not None:  # the student's keys over its model's configuration
+            sources.append(("distill", self.distill.params, {}))
         base: _Frozen
-        for model, spec in self.models.items():
+        for where, params, space in sources:
             for base, section in ((self.train, "train"), (self.data.augment, "data.augment")):
                 fields = type(base).model_fields
-                given = {f"space.{k}": ends(p) for k, p in spec.space.items() if k in fields}
-                given |= {f"params.{k}": [Value(v)] for k, v in spec.params.items() if k in fields}
-                error = section_error(base, section, given, f"models.{model}")
+                given = {f"space.{k}": ends(p) for k, p in space.items() if k in fields}
+                given |= {f"params.{k}": [Value(v)] for k, v in params.items() if k in fields}
+                error = section_error(base, section, given, where)
                 if error:
                     raise ValueError(error)
-        for base, section in ((self.train, "train"), (self.data.augment, "data.augment")):
-            student = self.distill.params if self.distill else {}
-            fields = type(base).model_fields
-            given = {f"params.{k}": [Value(v)] for k, v in student.items() if k in fields}
-            if error := section_error(base, section, given, "distill"):
-                raise ValueError(error)
         return self
 
     def trials_for(self, model: str) -> int:

@@ -132,12 +132,11 @@ def train_student(
     state: dict[str, Any],
     hp: dict[str, Any],
     out: Path,
-) -> Path:
+) -> None:
     """Train the student of `cfg.distill.model` with configuration `hp` (its best trial's, as a
     refit trains it, with `[distill] params` over it) against the shipped rule `state`; its
-    checkpoint and history are written in `out`. Returns the checkpoint."""
+    checkpoint (RunStore.refit_checkpoint) and history are written in `out`."""
     assert cfg.distill is not None
     cv = CrossValidator(cfg, cfg.distill.model, ds, split, store=RunStore(cfg.out))
     teach = distiller(cfg, ds, split, teachers, state, cv.device)
     cv.refit(hp, out, RunRef(cfg.distill.model, "student"), "student", distill=teach)
-    return RunStore.refit_checkpoint(out)

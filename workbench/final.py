@@ -32,6 +32,7 @@ from workbench.store import RunStore
 from workbench.train import EVAL_BATCH, load_model
 from workbench.views import TTA, resolve
 
+ALONE = {"vote": "soft", "weights": [1.0], "temperature": None}  # one member's rule, as it is
 EPS = 1e-15  # combiners.EPS: probabilities are clipped here before the temperature's log
 TIE_TOL = 1e-9  # combiners.TIE_TOL: vote shares closer than this are tied
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
@@ -164,7 +165,6 @@ class FinalEnsemble(nn.Module):
         """Member `name` alone, the mean of its fold models as the ensemble stage scored it: one
         of this model's members, or any candidate given as its fold checkpoints (a TTA
         candidate, named `<member>+tta`, over the study's views `tta`)."""
-        alone = {"vote": "soft", "weights": [1.0], "temperature": None}
         views = {name: self.views[name]} if name in self.views else {}
         if name in self.names:
             folds = list(self.members[self.names.index(name)].children())
@@ -181,7 +181,7 @@ class FinalEnsemble(nn.Module):
         return FinalEnsemble(
             [folds],  # type: ignore[list-item]
             [name],
-            alone,
+            ALONE,
             self.classes,
             self.in_shape,
             self.preprocess,

@@ -35,6 +35,7 @@ import torch
 from workbench.data import Rows
 from workbench.errors import ExportError
 from workbench.final import FinalEnsemble
+from workbench.models import state_bytes
 from workbench.train import EVAL_BATCH
 
 TOLERANCE = 1e-5  # max |p_onnx - p_torch| allowed; measured on digits: ~1.4e-7
@@ -53,12 +54,6 @@ def data_file(path: Path) -> Path:
 def files(path: Path) -> list[Path]:
     """The graph's files: itself, and its external data file when it has one."""
     return [path] + ([data_file(path)] if data_file(path).exists() else [])
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """The bytes of the model's parameters and buffers: what the graph's initializers hold."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ def export_onnx(
     pass `external_above` bytes) and check it on `x` (N, C, H, W): float images in [0, 1], or
     rows of the image store, made float a batch at a time."""
     example = torch.as_tensor(model.checked(next(_batches(x))[:2]))
-    external = weight_bytes(model) > external_above
+    external = state_bytes(model) > external_above
     with _work_folder(path) as work, _quiet():
         try:
             torch.onnx.export(

@@ -170,6 +170,11 @@ class RunStore:
         return self.ensemble / "student-run"
 
     @property
+    def student_checkpoint(self) -> Path:
+        """The trained student's network (a refit's checkpoint, in student_run)."""
+        return self.refit_checkpoint(self.student_run)
+
+    @property
     def student(self) -> Path:
         """The distilled student packaged as a final model (final/'s layout, one network)."""
         return self.ensemble / "student"

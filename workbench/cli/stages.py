@@ -155,7 +155,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     refit_ckpts = [r.checkpoint for r in refits]
     tta = views.resolve(cfg.ensemble.tta)
     student = plan_student(cfg, ds, split, members, store)
-    taught = RunStore.refit_checkpoint(store.student_run) if student else None
+    taught = store.student_checkpoint if student else None
     results = run_ensemble(
         members,
         ds.y[split.train_idx].numpy(),

@@ -11,14 +11,13 @@ from workbench import export, search
 from workbench.config import StudyConfig
 from workbench.console import console
 from workbench.data import ImageData, Split
+from workbench.final import ALONE
 from workbench.runtime import all_cores
 from workbench.store import RunStore
 
 if TYPE_CHECKING:
     from workbench.ensemble.members import Member
     from workbench.ensemble.stage import Student
-
-ALONE = {"vote": "soft", "weights": [1.0], "temperature": None}  # one network, as it predicts
 
 
 def plan(
@@ -60,10 +59,9 @@ def plan(
 def package(cfg: StudyConfig, ds: ImageData, store: RunStore) -> None:
     """The trained student as a final model of one network (store.student): what `predict
     --model student`, `export --student` and the MLflow model load."""
-    checkpoint = RunStore.refit_checkpoint(store.student_run)
     export.save_final(
         store.student,
-        [("student", [checkpoint])],
+        [("student", [store.student_checkpoint])],
         ALONE,
         "student",
         list(ds.classes),

@@ -11,6 +11,7 @@ from workbench.models.registry import (
     model_constraints,
     model_hparams,
     register_model,
+    state_bytes,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "model_constraints",
     "model_hparams",
     "register_model",
+    "state_bytes",
 ]

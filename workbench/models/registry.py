@@ -167,6 +167,13 @@ def create_model(
     return Classifier(net, num_classes, mean or [0.0] * channels, std or [1.0] * channels)
 
 
+def state_bytes(module: nn.Module) -> int:
+    """The bytes of a module's state dict (parameters and persistent buffers): what its
+    checkpoint and an ONNX graph's initializers hold, file headers aside. Works on the meta
+    device (shapes only)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
 def check_models(cfg: StudyConfig) -> None:
     """Every `[models.<name>]` names a registered factory, every key is a hyperparameter of that
     factory or a `[train]` key, and every value its `params` and `space` can give a factory's

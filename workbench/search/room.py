@@ -20,7 +20,7 @@ from optuna.trial import Trial
 from workbench.cv import CrossValidator, split_hparams
 from workbench.errors import SpaceError
 from workbench.files import DISK_RESERVE, free_space, size_text
-from workbench.models import create_model
+from workbench.models import create_model, state_bytes
 from workbench.search.storage import FINISHED, requeue
 
 FILE_OVERHEAD = 8192  # bytes per file beyond its arrays: zip and npy headers, the pickled meta
@@ -91,6 +91,4 @@ def _state(cv: CrossValidator, model_hp: dict[str, Any]) -> tuple[int, int, int]
             net = create_model(cv.arch, classes, shape, **model_hp)
     except Exception:  # e.g. a backbone that loads pretrained weights into its tensors
         net = create_model(cv.arch, classes, shape, **model_hp)
-    state = net.state_dict()
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    return size, len(state), sum(p.numel() for p in net.parameters())
+    return state_bytes(net), len(net.state_dict()), sum(p.numel() for p in net.parameters())
