@@ -32,6 +32,29 @@ def photos(root: Path, classes: dict[str, int]) -> None:
             Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
+def table(root: Path, rows: list[tuple[str, str, str]], header: str = "file,dx,patient") -> None:
+    """A table `root`/labels.csv of (file, label, group) rows; each file named is made as an
+    8x8 PNG in `root`/img/ unless its name starts with "missing"."""
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    for name, _, _ in rows:
+        if not name.startswith("missing"):
+            pixels = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "img" / f"{name}.png")
+    lines = [header] + [f"img/{name},{label},{group}" for name, label, group in rows]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def patients(count: int, per: int = 3, label: Callable[[int], str] = lambda p: "ab"[p % 2]):
+    """Rows of `count` patients with `per` images each; patient p's images have label(p)."""
+    return [(f"{p}-{i}", label(p), f"P{p}") for p in range(count) for i in range(per)]
+
+
+TABLE = '[data]\nsource = "table"\npath = "@TMP/t/labels.csv"\nsuffix = ".png"\n'
+TABLE_COLUMNS = 'columns = { path = "file", label = "dx" }\n'
+GROUPED = (("folds = 3", 'folds = 3\ngroup_by = "patient"'),)
+
+
 @dataclass(frozen=True)
 class Case:
     fragments: tuple[str, ...]  # each must appear in the output, whitespace collapsed
@@ -257,7 +280,8 @@ CASES: dict[str, Case] = {
     "data-path-is-a-file": Case(
         (
             "data.path '@TMP/plain.txt' is a file, but data.source = 'folder' reads a folder "
-            "with one subfolder of images per class; point data.path (or --data) at that folder",
+            "with one subfolder of images per class, or train/ and test/ of them; point "
+            "data.path (or --data) at that folder",
         ),
         extra='[data]\nsource = "folder"\npath = "@TMP/plain.txt"\n',
         setup=lambda t: (t / "plain.txt").write_text("not a folder\n"),
@@ -307,6 +331,139 @@ CASES: dict[str, Case] = {
         args=("predict", "@FILE", "@TMP/x.png", "--out", "@TMP/table.csv"),
         setup=lambda t: (t / "table.csv").mkdir(),
         names_file=False,  # it names the key, folder or option instead
+    ),
+    "table-without-the-label-column": Case(
+        (
+            "table @TMP/t/labels.csv has no column 'diagnosis' (data.columns.label); did you "
+            "mean 'diagnoses'? its columns: 'file', 'diagnoses', 'patient'",
+        ),
+        extra=TABLE + 'columns = { path = "file", label = "diagnosis" }\n',
+        setup=lambda t: table(t / "t", patients(8), header="file,diagnoses,patient"),
+        names_file=False,  # it names the table and the key
+    ),
+    "table-names-a-missing-file": Case(
+        (
+            "table @TMP/t/labels.csv, line 26: image file @TMP/t/img/missing.png does not exist "
+            "(1 of 25 listed files are missing; paths are relative to the table's folder, with "
+            "data.suffix '.png')",
+            'or set data.on_bad_file = "skip" to leave such rows out',
+        ),
+        extra=TABLE + TABLE_COLUMNS,
+        setup=lambda t: table(t / "t", [*patients(8), ("missing", "a", "P9")]),
+        names_file=False,
+    ),
+    "table-lists-a-file-twice": Case(
+        ("table @TMP/t/labels.csv lists the image @TMP/t/img/0-0.png twice, on lines 2 and 26",),
+        extra=TABLE + TABLE_COLUMNS,
+        setup=lambda t: table(t / "t", [*patients(8), ("0-0", "b", "P0")]),
+        names_file=False,
+    ),
+    "table-row-without-a-label": Case(
+        (
+            "table @TMP/t/labels.csv: 1 row(s) have no label in column 'dx' "
+            "(data.columns.label), the first on line 5",
+        ),
+        extra=TABLE + TABLE_COLUMNS,
+        setup=lambda t: table(
+            t / "t", [(n, "" if n == "1-0" else y, g) for n, y, g in patients(8)]
+        ),
+        names_file=False,
+    ),
+    "table-path-is-a-folder": Case(
+        (
+            "data.path '@TMP/t' is a folder, but data.source = 'table' reads a .csv or .parquet "
+            "file",
+        ),
+        extra='[data]\nsource = "table"\npath = "@TMP/t"\n',
+        setup=lambda t: (t / "t").mkdir(),
+        names_file=False,
+    ),
+    "table-columns-on-a-folder-source": Case(
+        ("data: `columns` applies to data.source = 'table'",),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\ncolumns = { label = "dx" }\n',
+    ),
+    "group-column-with-an-empty-cell": Case(
+        (
+            "group column 'patient' (cv.group_by) is empty in 1 row(s) of table:@TMP/t/labels.csv "
+            "(24 images), the first for img/2-1",
+        ),
+        extra=TABLE + TABLE_COLUMNS,
+        replace=GROUPED,
+        setup=lambda t: table(
+            t / "t", [(n, y, "" if n == "2-1" else g) for n, y, g in patients(8)]
+        ),
+        names_file=False,
+    ),
+    "a-single-group": Case(
+        (
+            "cv.group_by = 'patient' puts every row of table:@TMP/t/labels.csv (24 images) in one "
+            "group ('P0'); grouped splits need >= 4 groups",
+        ),
+        extra=TABLE + TABLE_COLUMNS,
+        replace=GROUPED,
+        setup=lambda t: table(t / "t", [(n, y, "P0") for n, y, _ in patients(8)]),
+        names_file=False,
+    ),
+    "fewer-groups-than-folds": Case(
+        (
+            "cv.group_by = 'patient' gives 3 groups, fewer than the held-out split and "
+            "cv.folds = 3 folds need (4: every side at least one); lower cv.folds, or group "
+            "more finely",
+        ),
+        extra=TABLE + TABLE_COLUMNS,
+        replace=GROUPED,
+        setup=lambda t: table(t / "t", patients(3, per=8, label=lambda p: "ab"[p % 2])),
+        names_file=False,
+    ),
+    "a-class-in-a-single-group": Case(
+        (
+            "class 'b' lives in a single group ('P1' of cv.group_by = 'patient'), so it cannot "
+            "be in both the training and the test rows",
+        ),
+        extra=TABLE + TABLE_COLUMNS,
+        replace=GROUPED,
+        setup=lambda t: table(t / "t", patients(8, label=lambda p: "b" if p == 1 else "a")),
+        names_file=False,
+    ),
+    "group-by-on-the-digits": Case(
+        (
+            "cv.group_by = 'patient' names the groups of a table's rows (a column) or of an "
+            "image folder's files (a pattern on their names), but data.source = 'digits' has "
+            "neither; remove cv.group_by",
+        ),
+        replace=GROUPED,
+    ),
+    "group-by-not-a-pattern": Case(
+        (
+            "cv.group_by: '^(P[0-9]+_' is not a regular expression (missing ), unterminated "
+            "subpattern",
+        ),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\n',
+        replace=(("folds = 3", "folds = 3\ngroup_by = '^(P[0-9]+_'"),),
+    ),
+    "split-folders-with-other-classes": Case(
+        (
+            "the split folders of @TMP/photos must hold the same class folders, but test/ lacks "
+            "['b'] and has ['c'], which train/ lacks; train/ holds ['a', 'b']",
+        ),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\n',
+        setup=lambda t: (
+            photos(t / "photos" / "train", {"a": 6, "b": 6}),
+            photos(t / "photos" / "test", {"a": 3, "c": 3}),
+        ),
+        names_file=False,
+    ),
+    "split-names-as-classes": Case(
+        (
+            "image folder @TMP/photos's subfolders test/, train/ are split names, so workbench "
+            "reads them as split folders, each holding one subfolder of images per class "
+            "(@TMP/photos/test/<class>/<image>); but @TMP/photos/test holds 6 image file(s) and "
+            "no class folders",
+            "if test, train are your classes, rename those folders",
+        ),
+        extra='[data]\nsource = "folder"\npath = "@TMP/photos"\n',
+        setup=lambda t: photos(t / "photos", {"train": 6, "test": 6}),
+        names_file=False,
     ),
     "study-file-missing": Case(
         ("@TMP/nope.toml: study file not found",),

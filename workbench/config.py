@@ -16,10 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from workbench import views
 from workbench.errors import ConfigError
+from workbench.sections import PHOTOS, pattern_problem
+
+# the [data], [data.augment] and [cv] sections, re-exported: a study file's types are here
+from workbench.sections import AugmentConfig as AugmentConfig
+from workbench.sections import CVConfig as CVConfig
+from workbench.sections import DataConfig as DataConfig
+from workbench.sections import Frozen as _Frozen
+from workbench.sections import TableColumns as TableColumns
 from workbench.spaces import (
     SPACE_TAGS,
     Param,
@@ -32,76 +40,7 @@ from workbench.spaces import Choice as Choice  # re-exported: a study file's typ
 from workbench.spaces import FloatRange as FloatRange
 from workbench.spaces import IntRange as IntRange
 
-
-class _Frozen(BaseModel):
-    # allow_inf_nan: TOML reads `inf` and `nan` as floats; no key of a study has a use for them
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
 # --- sections ----------------------------------------------------------------------------------
-
-
-class AugmentConfig(_Frozen):
-    """On-the-fly augmentation of training batches only (never validation or test rows).
-
-    Any key may also be set or searched per model (`params` / `space`), like a [train] key."""
-
-    # per image, torchvision.transforms.v2 (workbench/data/augment.py), in this order
-    crop_scale: float = Field(1.0, gt=0.0, le=1.0)  # RandomResizedCrop area from this to 1; 1 = off
-    rotation: float = Field(0.0, ge=0.0, le=180.0)  # RandomRotation by up to +- degrees
-    color_jitter: float = Field(0.0, ge=0.0, le=1.0)  # brightness, contrast, saturation strength
-    auto_augment: Literal["none", "trivial", "rand"] = "none"  # TrivialAugmentWide, RandAugment
-    erasing: float = Field(0.0, ge=0.0, le=1.0)  # RandomErasing probability per image
-    # batched: one tensor op per batch, each image its own draw
-    shift: int = Field(0, ge=0)  # max random translation in pixels (pad-and-crop); 0 = off
-    hflip: bool = False  # random horizontal flips; wrong for digits, right for CIFAR
-    # per batch, soft targets: one of the two at random when both are on
-    mixup: float = Field(0.0, ge=0.0)  # MixUp's Beta(alpha, alpha); 0 = off (0.2 is usual)
-    cutmix: float = Field(0.0, ge=0.0)  # CutMix's Beta(alpha, alpha); 0 = off (1.0 is usual)
-
-
-class DataConfig(_Frozen):
-    source: Literal["digits", "idx", "torchvision", "folder"] = "digits"
-    path: str | None = None  # IDX folder, torchvision root or image folder; `--data` overrides
-    dataset: str | None = None  # torchvision class name (MNIST, FashionMNIST, KMNIST, CIFAR10)
-    test_size: float = Field(0.2, gt=0.0, lt=1.0)  # held-out fraction when the source has no own
-    use_source_test: bool = True  # use the source's own test split where it has one
-    # image folders: every photo becomes image_size (an int: square; or [height, width]) by
-    # resize_policy: "center_crop" (cover, then cut the centre) or "stretch"; unset: every image
-    # must already have one size
-    image_size: tuple[int, int] | None = Field(None, strict=False)
-    resize_policy: Literal["center_crop", "stretch"] = "center_crop"
-    on_bad_file: Literal["error", "skip"] = "error"  # an undecodable file: stop, or leave it out
-    augment: AugmentConfig = AugmentConfig()
-
-    @field_validator("image_size", mode="before")
-    @classmethod
-    def _square(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):
-            v = [v, v]
-        ok = isinstance(v, list | tuple) and len(v) == 2
-        if v is not None and not (ok and all(isinstance(s, int) and s >= 1 for s in v)):
-            raise ValueError("an int (a square) or [height, width], each >= 1, must be given")
-        return v
-
-    @model_validator(mode="after")
-    def _size_needs_folder(self) -> DataConfig:
-        if self.image_size is not None and self.source != "folder":
-            raise ValueError(
-                f"`image_size` applies to data.source = 'folder' (photos of any size), but "
-                f"data.source = {self.source!r}; remove image_size"
-            )
-        return self
-
-    @property
-    def size(self) -> tuple[int, int] | None:
-        """image_size as (height, width)."""
-        return self.image_size
-
-
-class CVConfig(_Frozen):
-    folds: int = Field(5, ge=2)  # stratified k-fold on the training rows
-    metric: Literal["accuracy", "log_loss"] = "accuracy"  # a trial's value: mean over folds
 
 
 class SearchConfig(_Frozen):
@@ -155,8 +94,10 @@ class TrainConfig(_Frozen):
 class ModelSpec(_Frozen):
     arch: str | None = None  # registry name of the factory; default: the section's own name
     trials: int | None = Field(None, ge=1)  # overrides search.trials for this model
-    params: dict[str, Scalar] = {}  # fixed hyperparameters (factory kwargs or [train] keys)
-    space: dict[str, Param] = {}  # searched hyperparameters
+    params: dict[str, Scalar] = Field(
+        default_factory=dict
+    )  # fixed hyperparameters (factory kwargs or [train] keys)
+    space: dict[str, Param] = Field(default_factory=dict)  # searched hyperparameters
 
     @model_validator(mode="after")
     def _disjoint(self) -> ModelSpec:
@@ -192,6 +133,11 @@ class EnsembleConfig(_Frozen):
     # test-time views (workbench/views.py): each candidate member also competes as its TTA
     # variant, the mean over the image and these views, chosen or not on OOF rows like any other
     tta: tuple[str, ...] = Field((), strict=False)
+    # how the stage runs, not what it finds (left out of the stored result's fingerprint):
+    workers: int = Field(0, ge=0)  # processes predicting members, 1 torch thread each; 0 = per core
+    # test rows the ONNX graph is checked on against the torch model: a seeded sample; 0 = all.
+    # An export fault on 0.6 % of rows or more shows in 512 with 95 % probability (1 - 0.994^512)
+    check_rows: int = Field(512, ge=0)
 
     @field_validator("tta")
     @classmethod
@@ -212,7 +158,9 @@ class DistillConfig(_Frozen):
     teacher_T and student_T the probabilities softened by temperature T (Hinton et al. 2015)."""
 
     model: str  # a model section: the student uses its best trial's configuration
-    params: dict[str, Scalar] = {}  # keys that replace that configuration's (epochs, shift, ...)
+    params: dict[str, Scalar] = Field(
+        default_factory=dict
+    )  # keys that replace that configuration's (epochs, shift, ...)
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the teacher's term; 0: labels only
     temperature: float = Field(2.0, gt=0.0, le=20.0)  # T: both sides softened by it
 
@@ -260,6 +208,24 @@ class StudyConfig(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _groups(self) -> StudyConfig:
+        by, column, source = self.cv.group_by, self.data.columns.group, self.data.source
+        if by is not None and source not in PHOTOS:
+            raise ValueError(
+                f"cv.group_by = {by!r} names the groups of a table's rows (a column) or of an "
+                f"image folder's files (a pattern on their names), but data.source = {source!r} "
+                f"has neither; remove cv.group_by"
+            )
+        if source == "table" and by is not None and column is not None and by != column:
+            raise ValueError(
+                f"cv.group_by = {by!r} and data.columns.group = {column!r} name two group "
+                f"columns; keep one of them"
+            )
+        if source == "folder" and by is not None and (why := pattern_problem(by)) is not None:
+            raise ValueError(f"cv.group_by: {why}")
+        return self
+
+    @model_validator(mode="after")
     def _train_keys(self) -> StudyConfig:
         """Every value a model's `params` and `space` (and `[distill] params`) give a [train] or
         [data.augment] key is valid, alone and at the corners with the model's other values. Any
@@ -278,6 +244,13 @@ class StudyConfig(_Frozen):
                 if error:
                     raise ValueError(error)
         return self
+
+    @property
+    def group_by(self) -> str | None:
+        """What groups the rows (a table column or a file-name pattern); None: no groups."""
+        return self.cv.group_by or (
+            self.data.columns.group if self.data.source == "table" else None
+        )
 
     def trials_for(self, model: str) -> int:
         return self.models[model].trials or self.search.trials
@@ -404,6 +377,13 @@ def resume_key(cfg: StudyConfig) -> dict[str, Any]:
         d.pop(key)
     for spec in d["models"].values():
         spec.pop("trials")
+    # keys added after studies were first stored: at their defaults, a study made before resumes
+    fresh = {"data": ("columns", "suffix", "val"), "cv": ("group_by",)}
+    for name, keys in fresh.items():
+        section = getattr(cfg, name)
+        for key in keys:
+            if getattr(section, key) == type(section).model_fields[key].default:
+                d[name].pop(key)
     return d
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from workbench.config import AugmentConfig, StudyConfig, TrainConfig
-from workbench.data import ImageData, Rows, Split, cv_folds
+from workbench.data import ImageData, Rows, Split
 from workbench.errors import ConfigError
 from workbench.evaluate import scores
 from workbench.events import (
@@ -132,7 +132,7 @@ class CrossValidator:
         self.run_store = self.store or RunStore(self.cfg.out)
         self.rows = self.data.rows(self.split.train_idx)  # a view: folds are index arrays
         self.y = self.rows.labels
-        self.folds = cv_folds(self.y.numpy(), self.cfg.cv.folds, self.cfg.seed)
+        self.folds = self.split.folds(self.y.numpy(), self.cfg.cv.folds, self.cfg.seed)
         self.device = select_device(self.cfg.device, self.worker)
         if self.device.type == "cuda" and _fits_on(self.device, self.data.pixels):
             self.rows = self.rows.to(self.device)  # one copy: batches gathered on the GPU

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from workbench.config import StudyConfig
 from workbench.cv import CrossValidator
-from workbench.data import ImageData, Split, cv_folds
+from workbench.data import ImageData, Split
 from workbench.events import RunRef
 from workbench.final import FinalEnsemble
 from workbench.store import RunStore
@@ -87,10 +87,10 @@ class Distiller:
         return self.alpha * t * t * kl + (1 - self.alpha) * label_loss
 
 
-def fold_of(y: np.ndarray, cfg: StudyConfig) -> np.ndarray:
+def fold_of(y: np.ndarray, split: Split, cfg: StudyConfig) -> np.ndarray:
     """(training rows,) the fold that held each row out, as every member's folds were made."""
     out = np.full(len(y), -1, np.int64)
-    for k, (_, held) in enumerate(cv_folds(y, cfg.cv.folds, cfg.seed)):
+    for k, (_, held) in enumerate(split.folds(y, cfg.cv.folds, cfg.seed)):
         out[held] = k
     return out
 
@@ -120,7 +120,7 @@ def distiller(
         ).to(device)
         for k in range(cfg.cv.folds)
     ]
-    folds = torch.as_tensor(fold_of(ds.y[split.train_idx].numpy(), cfg))
+    folds = torch.as_tensor(fold_of(ds.y[split.train_idx].numpy(), split, cfg))
     return Distiller(per_fold, folds, cfg.distill.alpha, cfg.distill.temperature)
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from workbench.config import StudyConfig
-from workbench.data import ImageData, Split, load_or_make_split
+from workbench.data import ImageData, Split, grouping, load_or_make_split
 from workbench.data.imagestore import open_store
 from workbench.data.photos import BadImage
+from workbench.data.table import Manifest
 from workbench.errors import DataError
 from workbench.final import FinalEnsemble
 from workbench.serving import decode_file, prediction_columns
@@ -149,7 +150,8 @@ def held_out(cfg: StudyConfig) -> tuple[ImageData, Split] | None:
         if data is None:
             continue
         try:  # the split made from this store's data; never a new split: the file exists
-            return data, load_or_make_split(data, cfg.data, cfg.seed, split_file)
+            groups = grouping(data, cfg)
+            return data, load_or_make_split(data, cfg.data, cfg.seed, split_file, groups)
         except DataError:  # a store of other data than the split's
             continue
     return None
@@ -173,6 +175,19 @@ def folder_labels(paths: list[str], classes: list[str]) -> list[str]:
         raise DataError(
             f"--labels-from-folders: folder name(s) {unknown} are not classes of the model "
             f"{classes}; put each image in a folder named after its class"
+        )
+    return truth
+
+
+def table_labels(paths: list[str], manifest: Manifest, classes: list[str]) -> list[str]:
+    """Each predicted file's class from the table that listed it; an unknown label is an error."""
+    by_file = dict(zip(map(str, manifest.files), manifest.labels, strict=True))
+    truth = [by_file[p] for p in paths]
+    unknown = sorted(set(truth) - set(classes))
+    if unknown:
+        raise DataError(
+            f"--labels-from-table {manifest.table}: label(s) {unknown} are not classes of the "
+            f"model {classes}"
         )
     return truth
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from workbench import infer, search, views
 from workbench.config import StudyConfig
 from workbench.console import console
-from workbench.data import ImageData, Split, cv_folds
+from workbench.data import ImageData, Split
 from workbench.files import atomic_write
 from workbench.results import Cost
 from workbench.store import RunStore
@@ -48,7 +48,7 @@ def tta_members(
         return []
     t0 = time.perf_counter()
     rows, y = ds.rows(split.train_idx), ds.y[split.train_idx].numpy()
-    held = [va for _, va in cv_folds(y, cfg.cv.folds, cfg.seed)]  # the folds the members used
+    held = [va for _, va in split.folds(y, cfg.cv.folds, cfg.seed)]  # the members' folds
     tta, names = views.resolve(cfg.ensemble.tta), cfg.ensemble.tta
     out = [
         tta_member(

@@ -28,7 +28,7 @@ from workbench.console import best_table, console, print_error
 from workbench.data import (
     ImageData,
     Split,
-    cv_folds,
+    grouping,
     load_data,
     load_or_make_split,
     make_split,
@@ -78,13 +78,14 @@ def prepare(
                 highlight=False,
             )
         path = RunStore(cfg.out).file("split.npz")
+        groups = grouping(data, cfg)  # cv.group_by: rows that stay on one side
         split = (
-            make_split(data, cfg.data, cfg.seed)
+            make_split(data, cfg.data, cfg.seed, groups)
             if command == "check" and not path.exists()
-            else load_or_make_split(data, cfg.data, cfg.seed, path)
+            else load_or_make_split(data, cfg.data, cfg.seed, path, groups)
         )
         try:  # folds <= smallest class
-            cv_folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed, data.classes)
+            split.folds(data.y[split.train_idx].numpy(), cfg.cv.folds, cfg.seed, data.classes)
         except ConfigError as e:
             raise ConfigError(f"{file}: {e}") from None
     return cfg, data, split

@@ -12,7 +12,7 @@ from workbench import search, tracking
 from workbench.cli.stages import REPORTS
 from workbench.config import Choice, IntRange, ModelSpec, StudyConfig
 from workbench.console import console
-from workbench.data import ImageData, Split, cv_folds
+from workbench.data import ImageData, Split
 from workbench.files import free_space, size_text
 from workbench.runtime import gpu_count
 from workbench.store import RunStore
@@ -72,22 +72,38 @@ def data_table(cfg: StudyConfig, data: ImageData, split: Split) -> Table:
     names = ", ".join(data.classes[:CLASSES_SHOWN])
     more = f", ... ({data.num_classes - CLASSES_SHOWN} more)" if data.num_classes > 10 else ""
     y_train = data.y[split.train_idx].numpy()
-    val = [len(v) for _, v in cv_folds(y_train, cfg.cv.folds, cfg.seed, data.classes)]
+    val = [len(v) for _, v in split.folds(y_train, cfg.cv.folds, cfg.seed, data.classes)]
     per_fold = f"{min(val)}" if min(val) == max(val) else f"{min(val)}-{max(val)}"
     smallest = int(np.bincount(y_train, minlength=data.num_classes).min())
+    kind = "stratified" if split.groups is None else "stratified group"
     rows = [
         ("source", data.source),
         ("rows", str(len(data.y))),
         ("classes", f"{data.num_classes} ({names}{more})"),
         ("image shape", f"{c} x {h} x {w} (channels x height x width)"),
         ("image store", store_text(cfg, data)),
-        ("split", f"{split.kind}, data fingerprint {split.fingerprint}"),
+        ("split", f"{split.describe()}, data fingerprint {split.fingerprint}"),
+        *_group_rows(split),
         ("training rows", f"{len(split.train_idx)} (smallest class: {smallest})"),
         ("test rows", f"{len(split.test_idx)} (held out; read once, by the ensemble stage)"),
-        ("folds", f"{cfg.cv.folds} stratified, {per_fold} validation rows each"),
+        ("folds", f"{cfg.cv.folds} {kind}, {per_fold} validation rows each"),
         ("metric", cfg.cv.metric),
     ]
     return _pairs("data and cross-validation", rows)
+
+
+def _group_rows(split: Split) -> list[tuple[str, str]]:
+    """The groups of a grouped split: how many on each side, and the largest group's share."""
+    if split.groups is None:
+        return []
+    names, counts = np.unique(split.groups, return_counts=True)
+    top = int(np.argmax(counts))
+    share = counts[top] / len(split.groups)
+    train, test = (len(np.unique(split.groups[i])) for i in (split.train_idx, split.test_idx))
+    return [
+        ("groups", f"{len(names)} ({train} in training rows, {test} in test rows; none in both)"),
+        ("largest group", f"{str(names[top])!r}: {counts[top]} rows, {share:.1%} of them"),
+    ]
 
 
 def store_text(cfg: StudyConfig, data: ImageData) -> str:

@@ -92,6 +92,7 @@ def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracke
             "train": len(split.train_idx),
             "test": len(split.test_idx),
             "kind": split.kind,
+            "groups": split.group_note(),
             "fingerprint": split.fingerprint,
             "folds": cfg.cv.folds,
         },

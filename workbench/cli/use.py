@@ -36,6 +36,7 @@ from workbench.tracking import MODEL_SCHEMES, download_model
 
 if TYPE_CHECKING:
     from workbench.data import Rows
+    from workbench.data.table import Manifest
     from workbench.predict import Predictions
 
 ModelOpt = Annotated[
@@ -120,7 +121,9 @@ def count_look(cfg: StudyConfig, command: str, what: str, rows: int, accuracy: f
 @app.command()
 def predict(
     file: StudyFile,
-    images: Annotated[list[str], typer.Argument(help="image files, folders or glob patterns")],
+    images: Annotated[
+        list[str] | None, typer.Argument(help="image files, folders or glob patterns")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="the table: .csv, or .parquet")] = Path(
         "predictions.csv"
     ),
@@ -129,6 +132,13 @@ def predict(
     labels_from_folders: Annotated[
         bool, typer.Option(help="each image's class is its folder's name: report accuracy")
     ] = False,
+    labels_from_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="predict the images a table lists (CSV or Parquet, the study's data.columns and "
+            "data.suffix), its labels the truth: report accuracy"
+        ),
+    ] = None,
     strict: Annotated[bool, typer.Option(help="a file that is not an image is an error")] = False,
 ) -> None:
     """Predict new images with the study's final model; prepared as its training images were."""
@@ -141,7 +151,8 @@ def predict(
         check_out_file(out, "--out", (".csv", ".parquet"))  # before any work
         cfg = load_study(file)
         final = final_model(cfg, file, model, member)
-        files = predicting.image_files(images)
+        listed = _listed(cfg, images or [], labels_from_table, labels_from_folders)
+        files = predicting.image_files(images or []) if listed is None else list(listed.files)
         with Progress(transient=True, console=console) as bar:
             task = bar.add_task(f"predicting {len(files)} files", total=len(files))
             result = predicting.predict_files(final, files, strict, lambda n: bar.advance(task, n))
@@ -150,6 +161,8 @@ def predict(
         truth = (
             predicting.folder_labels(result.paths, result.classes) if labels_from_folders else None
         )
+        if listed is not None:
+            truth = predicting.table_labels(result.paths, listed, result.classes)
         predicting.write_table(out, result.table(truth))
         console.print(f"{len(result.paths)} image(s) predicted: {out}")
         if truth is not None:
@@ -157,6 +170,26 @@ def predict(
             _predict_look(cfg, result, truth, scored(model, member))
     except WorkbenchError as e:
         raise _fail(e) from None
+
+
+def _listed(
+    cfg: StudyConfig, images: list[str], table: Path | None, from_folders: bool
+) -> Manifest | None:
+    """The table --labels-from-table names, read; the images come from it or from arguments."""
+    from workbench.data.table import read_manifest
+
+    if table is None:
+        if not images:
+            raise ConfigError(
+                "predict needs image files, folders or patterns, or a --labels-from-table"
+            )
+        return None
+    if images or from_folders:
+        raise ConfigError(
+            "--labels-from-table lists the images and their labels: give no image arguments and "
+            "no --labels-from-folders with it"
+        )
+    return read_manifest(table, cfg.data.columns, cfg.data.suffix)
 
 
 def _predict_look(cfg: StudyConfig, result: Predictions, truth: list[str], what: str) -> None:

@@ -1,6 +1,7 @@
 """Data: sources decoded once into a uint8 image store, row views, split, folds, augmentation."""
 
 from workbench.data.augment import V2_KEYS, augment_batch, batch_mixer, per_image
+from workbench.data.groups import Grouping, grouping
 from workbench.data.images import ImageData, Rows, channel_stats
 from workbench.data.imagestore import load_data
 from workbench.data.splits import (
@@ -13,6 +14,7 @@ from workbench.data.splits import (
 
 __all__ = [
     "V2_KEYS",
+    "Grouping",
     "ImageData",
     "Rows",
     "Split",
@@ -21,6 +23,7 @@ __all__ = [
     "channel_stats",
     "cv_folds",
     "data_fingerprint",
+    "grouping",
     "load_data",
     "load_or_make_split",
     "make_split",

@@ -36,6 +36,8 @@ class ImageData:
     skipped: tuple[str, ...] = ()  # files left out (data.on_bad_file = "skip"), with the reason
     fingerprint: str = ""  # sha256 of pixels, labels and classes (12 hex); "" = compute on use
     pages: Pages | None = None  # the store's memory map under `pixels`; None in memory
+    names: tuple[str, ...] = ()  # each row's file as its source names it; () for array sources
+    columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a table's other columns
 
     def __post_init__(self) -> None:
         x, y = self.pixels, self.y
@@ -190,3 +192,5 @@ class Decoded:
     scale: float = 255.0  # the pixel value of full intensity
     preprocess: dict[str, Any] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()  # "path: reason" of files left out
+    names: tuple[str, ...] = ()  # each row's file as its source names it; () for array sources
+    columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a table's other columns

@@ -30,7 +30,7 @@ from workbench.data.sources import Source, find_source
 from workbench.data.space import check_room
 from workbench.files import atomic_write
 
-_VERSION = 1  # of the store's format and decoding: a change makes every store be rebuilt
+_VERSION = 2  # of the store's format and decoding: a change makes every store be rebuilt
 _PROGRESS_MIN = 256  # files: smaller sources decode without a progress bar
 
 
@@ -58,15 +58,18 @@ def source_key(source: Source) -> str:
     """16 hex chars of sha256 over what decides the pixels: files, sizes, times, the policy."""
     cfg = source.cfg
     stats = []
-    for f in source.files:
-        st = f.stat()
-        stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    table = (source.root,) if source.root is not None and source.root.is_file() else ()
+    for f in (*table, *source.files):
+        st = f.stat() if f.exists() else None  # a table may name a missing file: skipped or not
+        stats.append((str(f.resolve()), st.st_size if st else -1, st.st_mtime_ns if st else -1))
     what = {
         "version": _VERSION,
         "source": cfg.source,
         "dataset": cfg.dataset,
         "policy": Policy(cfg.size, cfg.resize_policy).as_dict(),
         "on_bad_file": cfg.on_bad_file,
+        "table": [cfg.columns.path, cfg.columns.label, cfg.suffix],
+        "val": cfg.val,
         "files": stats,
     }
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
@@ -93,6 +96,8 @@ def open_store(folder: Path, key: str) -> ImageData | None:
         tuple(meta["skipped"]),
         meta["fingerprint"],
         pages,
+        tuple(meta["names"]),
+        {k: tuple(v) for k, v in meta["columns"].items()},
     )
 
 
@@ -135,7 +140,7 @@ def _build(source: Source, key: str, folder: Path) -> ImageData:
 
 
 def _read(source: Source, scratch: Path) -> Decoded:
-    if len(source.files) < _PROGRESS_MIN or source.cfg.source != "folder":
+    if len(source.files) < _PROGRESS_MIN or source.listing is None:
         return source.read(scratch)
     from rich.progress import Progress
 
@@ -156,6 +161,8 @@ def _meta(d: Decoded) -> dict[str, Any]:
         "scale": d.scale,
         "preprocess": {**d.preprocess, "channels": int(d.pixels.shape[1]), "scale": d.scale},
         "skipped": list(d.skipped),
+        "names": list(d.names),
+        "columns": {k: list(v) for k, v in d.columns.items()},
         "fingerprint": fingerprint_of(d.pixels, d.labels, d.classes),
     }
 

@@ -172,19 +172,31 @@ def first_size(path: Path) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-# --- image folders -----------------------------------------------------------------------------
+# --- a listing of files to decode ---------------------------------------------------------------
 
 
-def read_folder(
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
+class Listing:
+    """The image files of a folder or table source, in row order, with their classes."""
+
+    files: tuple[Path, ...]
+    labels: np.ndarray  # (files,) int64 index into classes
+    classes: tuple[str, ...]  # class names, index = label
+    names: tuple[str, ...]  # each file as its source names it (path below the folder, table cell)
+    where: str  # the source for messages and the store's description: "folder:/data/pets"
+    test: np.ndarray | None = None  # (files,) bool: the source's own held-out rows, if it has them
+    columns: dict[str, tuple[str, ...]] | None = None  # a table's other columns, as text
+
+
+def read_listing(
     cfg: DataConfig,
-    root: Path,
-    files: tuple[Path, ...],
+    listing: Listing,
     scratch: Path,
     progress: Callable[[int], None] | None = None,
 ) -> Decoded:
-    """One subfolder per class (sorted names = classes), like torchvision's ImageFolder."""
-    classes = sorted({f.relative_to(root).parts[0] for f in files})
-    labels = np.array([classes.index(f.relative_to(root).parts[0]) for f in files], np.int64)
+    """Decode every listed file by the study's policy; an undecodable file is an error or, with
+    data.on_bad_file = "skip", a row left out (and named in `Decoded.skipped`)."""
+    files = listing.files
     policy = Policy(cfg.size, cfg.resize_policy)
     try:  # without data.image_size every image must have the first one's size
         shape = policy.size or first_size(files[0])
@@ -197,9 +209,9 @@ def read_folder(
     if odd is not None and odd.size is not None:
         (h, w), (h2, w2) = shape, odd.size
         raise DataError(
-            f"images in {root} differ in size: {files[0]} is {h}x{w} and {files[odd.row]} is "
-            f"{h2}x{w2} (height x width); set `data.image_size = [h, w]` in the study file to "
-            f"make every image one size (data.resize_policy says how)"
+            f"images of {listing.where} differ in size: {files[0]} is {h}x{w} and "
+            f"{files[odd.row]} is {h2}x{w2} (height x width); set `data.image_size = [h, w]` in "
+            f"the study file to make every image one size (data.resize_policy says how)"
         )
     bad = [(files[o.row], o.error) for o in done if o.error is not None]
     if bad and cfg.on_bad_file == "error":
@@ -209,47 +221,25 @@ def read_folder(
             f'`data.on_bad_file = "skip"` to leave such files out'
         )
     keep = np.array([o.error is None for o in done])
+    if not keep.any():
+        raise DataError(
+            f"no image of {listing.where} could be decoded; the first: {bad[0][0]} {bad[0][1]}"
+        )
     gray = all(o.gray for o in done if o.error is None)
     pixels = np.load(out, mmap_mode="r")  # the store is written from this file, not memory
     if gray:  # a view: grey photos were decoded into three equal channels
         pixels = pixels[:, :1]
     if not keep.all():  # the one copy in memory: the rows kept, once files were skipped
         pixels = pixels[keep]
-    if not keep.any():
-        raise DataError(f"no image in {root} could be decoded; the first: {bad[0][0]} {bad[0][1]}")
+    kept = np.flatnonzero(keep)
     return Decoded(
         pixels,
-        labels[keep],
-        tuple(classes),
-        f"folder:{root} ({int(keep.sum())} images)",
+        listing.labels[keep],
+        listing.classes,
+        f"{listing.where} ({len(kept)} images)",
+        None if listing.test is None else np.flatnonzero(listing.test[keep]),
         preprocess={**policy.as_dict(), "image_size": list(shape)},
         skipped=tuple(f"{f}: {why}" for f, why in bad),
+        names=tuple(listing.names[i] for i in kept),
+        columns={k: tuple(v[i] for i in kept) for k, v in (listing.columns or {}).items()},
     )
-
-
-def class_files(root: Path, extensions: set[str]) -> dict[str, list[Path]]:
-    """{class name: sorted image files below its folder}; hidden files and other types skipped."""
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in extensions]
-    if not folders and loose:
-        raise DataError(
-            f"image folder {root} holds {len(loose)} image file(s) but no class subfolders; "
-            f"data.source = 'folder' reads one subfolder of images per class "
-            f"({root}/<class>/<image>): move each class's images into a folder named after it"
-        )
-    if len(folders) < 2:
-        raise DataError(
-            f"image folder {root} has {len(folders)} class subfolder(s) {[d.name for d in folders]}"
-            f"; a classifier needs >= 2 (one subfolder of images per class)"
-        )
-    files = {}
-    for d in folders:
-        fs = sorted(
-            f
-            for f in d.rglob("*")
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in extensions
-        )
-        if not fs:
-            raise DataError(f"class folder {d} holds no image files; add images or remove it")
-        files[d.name] = fs
-    return files

@@ -1,4 +1,4 @@
-"""Four data sources read into one uint8 array: digits, IDX files, torchvision datasets, folders.
+"""The data sources, read into one uint8 array: digits, IDX, torchvision datasets, folders, tables.
 
 `Source.read` returns a `Decoded`: pixels (N, C, H, W) uint8, labels (N,) int64 class indices.
 The image store (imagestore.py) writes it once and every process maps it; `Source.files` are
@@ -20,7 +20,9 @@ import numpy as np
 
 from workbench.config import DataConfig
 from workbench.data import photos
+from workbench.data.folders import list_folder
 from workbench.data.images import Decoded
+from workbench.data.table import KINDS, list_table
 from workbench.errors import DataError
 
 
@@ -29,19 +31,20 @@ class Source:
     """Where a dataset comes from, and the files whose size and time say it is unchanged."""
 
     cfg: DataConfig
-    root: Path | None  # None for the embedded digits
-    files: tuple[Path, ...]
+    root: Path | None  # None for the embedded digits; a table's file for data.source = "table"
+    files: tuple[Path, ...]  # the files read (a table's: its image files)
+    listing: photos.Listing | None = None  # image folders and tables: the files, their classes
 
     def read(self, scratch: Path, progress: Callable[[int], None] | None = None) -> Decoded:
-        """Decode the whole source; `scratch` is a folder for the folder source's array."""
+        """Decode the whole source; `scratch` is a folder for the photo sources' array."""
         cfg, root = self.cfg, self.root
         if root is None:
             return _load_digits()
+        if self.listing is not None:
+            return photos.read_listing(cfg, self.listing, scratch, progress)
         if cfg.source == "idx":
             return _load_idx(root)
-        if cfg.source == "torchvision":
-            return _load_torchvision(root, cfg.dataset)
-        return photos.read_folder(cfg, root, self.files, scratch, progress)
+        return _load_torchvision(root, cfg.dataset)
 
 
 def find_source(cfg: DataConfig, path: str | None = None) -> Source:
@@ -50,15 +53,11 @@ def find_source(cfg: DataConfig, path: str | None = None) -> Source:
         return Source(cfg, None, ())
     root = _existing_path(cfg, path or cfg.path)
     if cfg.source == "idx":
-        files = tuple(f for _, *pair in _idx_sets(root) for f in pair)
-    elif cfg.source == "torchvision":
-        files = _torchvision_files(root, cfg.dataset)
-    else:
-        from PIL import Image
-
-        listing = photos.class_files(root, set(Image.registered_extensions()))
-        files = tuple(f for fs in listing.values() for f in fs)
-    return Source(cfg, root, files)
+        return Source(cfg, root, tuple(f for _, *pair in _idx_sets(root) for f in pair))
+    if cfg.source == "torchvision":
+        return Source(cfg, root, _torchvision_files(root, cfg.dataset))
+    listing = list_table(cfg, root) if cfg.source == "table" else list_folder(root, cfg.val)
+    return Source(cfg, root, listing.files, listing)
 
 
 def _existing_path(cfg: DataConfig, path: str | None) -> Path:
@@ -78,6 +77,12 @@ def _existing_path(cfg: DataConfig, path: str | None) -> Path:
             f"data.path {str(p)!r} is a file, but data.source = {cfg.source!r} reads "
             f"{_WANTS[cfg.source]}; point data.path (or --data) at that folder"
         )
+    if cfg.source == "table" and not p.is_file():
+        raise DataError(
+            f"data.path {str(p)!r} is a folder, but data.source = 'table' reads "
+            f"{_WANTS['table']}; point data.path (or --data) at the table, or use "
+            f"data.source = 'folder' for a folder of class folders"
+        )
     return p
 
 
@@ -85,7 +90,8 @@ _FOLDERS = ("torchvision", "folder")  # sources whose path must be a folder (idx
 _WANTS = {
     "idx": "a folder of MNIST-style *-images-idx3-ubyte[.gz] / *-labels-idx1-ubyte[.gz] files",
     "torchvision": "a torchvision dataset root, the folder passed as `root=`",
-    "folder": "a folder with one subfolder of images per class",
+    "folder": "a folder with one subfolder of images per class, or train/ and test/ of them",
+    "table": f"a {' or '.join(KINDS)} file with a column of image paths and one of labels",
 }
 
 

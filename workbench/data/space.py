@@ -26,7 +26,7 @@ from workbench.runtime import available_memory
 DIGITS = (1797, 1, 8, 8)  # scikit-learn's digits: 1,797 images of 8x8, one channel
 # copies of the store held in memory while decoding: idx, the files read whole, then the array
 # made from them; torchvision, its datasets' arrays, their concatenation, the channels-first copy
-MEMORY_COPIES = {"digits": 2, "idx": 2, "torchvision": 3, "folder": 0}
+MEMORY_COPIES = {"digits": 2, "idx": 2, "torchvision": 3, "folder": 0, "table": 0}
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,12 @@ def store_size(source: Source) -> StoreSize:
     elif kind == "idx":
         dims = idx_dims(source.root)  # (N, H, W) of each images file
         shape = (sum(d[0] for d in dims), 1, dims[0][1], dims[0][2])
-    elif kind == "folder":
+    elif source.listing is not None:  # photos: folders and tables
         shape = (len(source.files), 3, *_photo_size(source))
     else:  # torchvision: raw uint8 pixels in its files (MNIST's IDX, CIFAR's pickled batches)
         shape = None
     size = math.prod(shape) if shape else sum(f.stat().st_size for f in source.files)
-    scratch = size if kind == "folder" else 0  # the scratch is RGB, as the bound above
+    scratch = size if source.listing is not None else 0  # the scratch is RGB, as the bound above
     return StoreSize(shape, size, scratch, size * MEMORY_COPIES[kind])
 
 
@@ -98,7 +98,7 @@ def _photo_size(source: Source) -> tuple[int, int]:
 
 
 def _fix(source: Source) -> str:
-    if source.cfg.source != "folder":
+    if source.listing is None:
         return "use a subset of the images"
     now = f" (now {source.cfg.size[0]} x {source.cfg.size[1]})" if source.cfg.size else ""
     return f"lower data.image_size{now}, use a subset of the images"

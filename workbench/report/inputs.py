@@ -50,7 +50,7 @@ class ReportInputs:
     data_source: str  # e.g. "digits (1797 images)"
     in_shape: tuple[int, int, int]  # (C, H, W)
     classes: list[str]  # class names (from user folders: escaped on output)
-    split: dict[str, Any]  # {"train", "test", "kind", "fingerprint", "folds"}
+    split: dict[str, Any]  # {"train", "test", "kind", "groups", "fingerprint", "folds"}
     stage_seconds: dict[str, float]  # e.g. {"search": 300.0, "ensemble": 20.0, "report": 2.0}
     tracking: dict[str, Any] | None  # {"uri", "experiment_id", "ui_url" | None, "study_runs"}
     models: list[ModelSection]

@@ -1,6 +1,10 @@
 """The report's charts: matplotlib figures rendered (Agg canvas, no pyplot state) to inline SVG.
 
-Text is drawn as glyph paths, so the SVG holds no user text and looks the same without fonts.
+Text stays text (`<text>` elements, svg.fonttype "none"), so the browser draws it with the fonts
+it has: class names in any script it can show appear as such, not as boxes for glyphs matplotlib's
+DejaVu Sans lacks. Matplotlib escapes the text (`<` as `&lt;`, `&` as `&amp;`), places it by
+DejaVu Sans's metrics (a missing glyph measures as its 1.1 em box, wider than a CJK character) and
+anchors it where it can (`text-anchor`), so another font shifts no label off its tick.
 Each chart labels its lines directly (no legend to hunt) and has a title and axis labels.
 `svg()` drops everything but the drawing, prefixes ids so figures never clash in one page, and
 refuses SVG that could run code. Every function returns None when it has nothing to draw.
@@ -15,6 +19,7 @@ import io
 import math
 import re
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +35,7 @@ from workbench.report.inputs import ModelSection
 from workbench.results import Reliability, Rung
 
 STYLE = {
-    "svg.fonttype": "path",  # glyphs as paths: no fonts needed, no text to inject
+    "svg.fonttype": "none",  # text as <text>: the reader's fonts draw any script
     "svg.hashsalt": "workbench",  # deterministic ids: the same inputs give the same file
     "font.size": 9,
     "axes.spines.top": False,
@@ -46,6 +51,9 @@ MUTED = "#7f7f7f"  # pruned trials, the k-fold bag
 METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "lr")  # per-epoch keys of a curve
 ANNOTATE_MAX = 25  # heatmaps with more rows than this get no per-cell numbers
 UNSAFE = re.compile(r"<script|<foreignObject|\son[a-z]+\s*=|javascript:", re.IGNORECASE)
+TEXT = re.compile(r"(<text\b[^>]*>)[^<]*(</text>)")  # a <text> element holding characters only
+# matplotlib measures text with DejaVu Sans, and warns once per glyph it lacks (every CJK one)
+MISSING_GLYPH = r"Glyph \d+ \(.*\) missing from font\(s\)"
 
 
 def label(text: object, width: int = 24) -> str:
@@ -65,8 +73,12 @@ def styled(draw: Callable[..., Markup | None]) -> Callable[..., Markup | None]:
 
     @functools.wraps(draw)
     def wrapper(*args: Any, **kw: Any) -> Markup | None:
-        with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # keys typed as Literal
-            return draw(*args, **kw)
+        with warnings.catch_warnings():
+            # The SVG holds text, not glyphs: the browser draws it with its own fonts, so a glyph
+            # that DejaVu Sans (which only measures the text here) lacks is no fault of the chart.
+            warnings.filterwarnings("ignore", MISSING_GLYPH, UserWarning)
+            with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # keys typed as Literal
+                return draw(*args, **kw)
 
     return wrapper
 
@@ -101,7 +113,9 @@ def svg(fig: Figure, title: str) -> Markup:
         f'aria-label="{escape(title)}"'
     )
     text = root + text[head.end() :]
-    if UNSAFE.search(text):
+    # text content is escaped character data (a name such as "x onload=1" is words, not markup);
+    # every tag and attribute is checked
+    if UNSAFE.search(TEXT.sub(r"\1\2", text)):
         raise ValueError(f"refusing to inline an SVG that could run code (figure {title!r})")
     return Markup(text)
 
@@ -250,8 +264,13 @@ def heatmap(
     fig = figure(side + 1.2, side)
     ax = fig.add_subplot()
     ax.imshow(color, cmap=cmap, vmin=0.0, vmax=max(float(np.nanmax(color)), 1e-9), aspect="auto")
-    ax.set_xticks(
-        range(m.shape[1]), [label(c, 16) for c in cols], rotation=45, ha="right", fontsize=tick_size
+    ax.set_xticks(  # anchored: the label's end sits on its tick whatever font draws it
+        range(m.shape[1]),
+        [label(c, 16) for c in cols],
+        rotation=45,
+        ha="right",
+        rotation_mode="anchor",
+        fontsize=tick_size,
     )
     ax.set_yticks(range(m.shape[0]), [label(r, 16) for r in rows], fontsize=tick_size)
     ax.grid(False)
