@@ -225,18 +225,19 @@ class StudyRun:
     log: Path
 
 
-def run_study(file: Path, *args: str, timeout_s: float = 3600) -> StudyRun:
-    """`python -m workbench study FILE ARGS` in the study file's folder (its reports/ lands there);
-    stdout goes to a log beside the file. Raises BenchError with the log's tail on failure."""
+def run_study(file: Path, *args: str, timeout_s: float = 3600, command: str = "study") -> StudyRun:
+    """`python -m workbench COMMAND FILE ARGS` (`study`, or a later stage's command) in the study
+    file's folder (its reports/ lands there); stdout goes to a log beside the file, one per
+    command. Raises BenchError with the log's tail on failure."""
     study = tomllib.loads(file.read_text())
     out = Path(study["output_dir"]) / study["name"]
-    log = file.with_suffix(".log")
+    log = file.with_suffix(".log" if command == "study" else f".{command}.log")
     env = {k: v for k, v in os.environ.items() if k not in ("WORKBENCH_STORAGE",)}
     env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "COLUMNS": "120"}
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(
-            [sys.executable, "-m", "workbench", "study", str(file), *args],
+            [sys.executable, "-m", "workbench", command, str(file), *args],
             cwd=file.parent,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -248,7 +249,7 @@ def run_study(file: Path, *args: str, timeout_s: float = 3600) -> StudyRun:
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         raise BenchError(
-            f"workbench study {file} {' '.join(args)} exited {proc.returncode}:\n{tail}"
+            f"workbench {command} {file} {' '.join(args)} exited {proc.returncode}:\n{tail}"
         )
     timings = out / "timings.json"
     stages = json.loads(timings.read_text()) if timings.exists() else {}

@@ -12,6 +12,11 @@
    10 ONNX             the final model: onnxruntime vs torch eager (img/s), 1 thread and all cores
    11 predict          `workbench predict` on 10,000 PNG files: img/s, share decoding
    12 ladder           one network to the shipped ensemble on MNIST and photos made from it
+   13 ensemble stage   its wall time on MNIST (18 members, 8,000 test rows), 2 workers vs 1 >= 1.7x;
+                       its cost per member and per test row
+   14 time to quality  hyperband vs median on digits and MNIST: time to the median's best CV >= 2x,
+                       final test log loss no worse within its CI
+   15 budget           `--budget` 5, 10 and 20 min on digits: wall time over the budget   <= 10 %
 
 python bench/run.py [--quick] [--full] [--profile] [--only N[,N]] [--out DIR] [--keep]
 Writes <out>/bench.json and bench.md (default reports/bench/). Studies run in a temp folder.
@@ -36,7 +41,9 @@ from rich.console import Console
 
 from bench import (
     accuracy,
+    budget,
     end_to_end,
+    ensemble_stage,
     images,
     inference,
     ladder,
@@ -63,7 +70,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="also profile item 1's loops (cProfile, torch.profiler) into <out>/profile.txt",
     )
     p.add_argument(
-        "--only", default="1,2,3,4,5,6,7,8,9,10,11,12", help="items to run, e.g. 1 or 2,3"
+        "--only",
+        default="1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+        help="items to run, e.g. 1 or 2,3",
     )
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="output folder")
     p.add_argument("--keep", action="store_true", help="keep the temp folder of the studies")
@@ -157,6 +166,18 @@ def item_12(ctx: Context) -> ItemResult:
     return ladder.run(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
 
 
+def item_13(ctx: Context) -> ItemResult:
+    return ensemble_stage.run(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
+
+
+def item_14(ctx: Context) -> ItemResult:
+    return budget.time_to_quality(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
+
+
+def item_15(ctx: Context) -> ItemResult:
+    return budget.budget_adherence(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
+
+
 ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     1: ("Training-loop overhead", item_1),
     2: ("Tracking overhead", item_2),
@@ -170,6 +191,9 @@ ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
     10: ("The final model as ONNX", item_10),
     11: ("Predicting files", item_11),
     12: ("The ensemble ladder", item_12),
+    13: ("The ensemble stage on every core", item_13),
+    14: ("Time to quality: hyperband against the median pruner", item_14),
+    15: ("The time budget on the digits study", item_15),
 }
 
 

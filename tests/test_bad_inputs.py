@@ -465,6 +465,13 @@ CASES: dict[str, Case] = {
         setup=lambda t: photos(t / "photos", {"train": 6, "test": 6}),
         names_file=False,
     ),
+    "budget-not-a-duration": Case(
+        (
+            "search.budget: a duration like '30m', '2h', '1h30m' or '90s' (or a number of "
+            "seconds) must be given, not '5min'",
+        ),
+        args=("study", "@FILE", "--budget", "5min"),
+    ),
     "study-file-missing": Case(
         ("@TMP/nope.toml: study file not found",),
         args=("study", "@TMP/nope.toml"),

@@ -101,3 +101,59 @@ def test_gpu_bench_runs_where_there_is_a_gpu_and_says_so_where_not(tmp_path: Pat
     else:
         assert "no CUDA device visible here; nothing was measured" in proc.stdout
         assert not (tmp_path / "gpu.json").exists()
+
+
+def test_item_13_figures_by_hand() -> None:
+    """The ensemble stage's figures from two runs given here: its cost per member and per test
+    row, and the 2-worker run against the 1 with its 1.7x target; and the stage's line that
+    gives the member inference part, read as the bench reads it."""
+    from bench.ensemble_stage import INFERENCE, StageRun, figures
+
+    one = StageRun(1, 150.0, 120.0, 75, 18, 8000, "weighted")
+    two = StageRun(2, 80.0, 64.0, 75, 18, 8000, "weighted")
+    figs = {f.name: f for f in figures([one, two])}
+    assert figs["1 worker: per member"].value == pytest.approx(150 / 18)  # s
+    assert figs["2 workers: per test row"].value == pytest.approx(10.0)  # 80 s / 8,000 rows, ms
+    ratio = figs["ensemble stage: 2 workers vs 1"]
+    assert (ratio.value, ratio.target, ratio.verdict) == (pytest.approx(1.875), ">= 1.7x", "PASS")
+    assert ratio.note == "member inference alone 1.88x"  # 120 / 64
+    slower = {f.name: f for f in figures([one, StageRun(2, 100.0, 80.0, 75, 18, 8000, "x")])}
+    assert slower["ensemble stage: 2 workers vs 1"].verdict == "MISS"  # 1.5x
+    said = "test probabilities: 75 network passes over 8,000 rows on 2 processes: 64.0 s"
+    found = INFERENCE.search(said)
+    assert found is not None and (found[1], found[2], found[3]) == ("75", "8,000", "64.0")
+
+
+def test_item_14_time_to_quality_by_hand(tmp_path: Path) -> None:
+    """Trials of two model studies (and a follow-up study, not counted) with hand-set times: the
+    search starts at the first trial's start; the target is reached by the first COMPLETE trial
+    at or past it."""
+    import datetime as dt
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from bench.budget import best_value, time_to_target
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+
+    def add(study: str, start: float, end: float, value: float, state: TrialState) -> None:
+        s = optuna.create_study(study_name=study, storage=url, load_if_exists=True)
+        trial = optuna.trial.create_trial(
+            state=state, value=value if state == TrialState.COMPLETE else None
+        )
+        trial.datetime_start = t0 + dt.timedelta(seconds=start)
+        trial.datetime_complete = t0 + dt.timedelta(seconds=end)
+        s.add_trial(trial)
+
+    add("d/mlp", 0, 10, 0.90, TrialState.COMPLETE)
+    add("d/mlp", 10, 30, 0.95, TrialState.COMPLETE)
+    add("d/cnn", 5, 20, 0.97, TrialState.COMPLETE)
+    add("d/cnn", 20, 25, 0.0, TrialState.PRUNED)
+    add("d/cnn/refit", 30, 40, 0.99, TrialState.COMPLETE)  # a follow-up: not a search trial
+    db = tmp_path / "optuna.db"
+    assert best_value(db, maximize=True) == 0.97
+    assert time_to_target(db, 0.95, maximize=True) == (20.0, 0.97)  # cnn's at 20 s, before 30
+    assert time_to_target(db, 0.98, maximize=True) == (None, 0.97)
+    assert time_to_target(db, 0.92, maximize=False) == (10.0, 0.90)  # lower is better

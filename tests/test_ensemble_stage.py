@@ -1,23 +1,28 @@
-"""The ensembling stage on a tiny real study: members, snapshots, one test evaluation, the model."""
+"""The ensembling stage on a tiny real study: members, snapshots, one test evaluation, the model;
+member inference on two processes, and the stage's ONNX check on a sample of the test rows."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+import torch
 
-from workbench import evaluate, search
+from workbench import evaluate, graph, search, views
+from workbench.cli import stages
 from workbench.config import StudyConfig, load_study
 from workbench.data import load_data, load_or_make_split
 from workbench.ensemble.members import MemberSpec, Refit, load_members, snapshot_specs
 from workbench.ensemble.stage import HeldOut, run_ensemble
 from workbench.export import save_final
 from workbench.final import FinalEnsemble
-from workbench.infer import member_probas, test_probas
+from workbench.infer import member_probas, test_probas, tta_oof
 from workbench.results import EnsembleResult, TestProbas
+from workbench.runtime import forked_map
 from workbench.store import RunStore
 from workbench.tracking import Tracker
 from workbench.train import load_model, predict_proba
@@ -227,3 +232,103 @@ def test_a_corrupt_member_is_skipped_with_a_warning_naming_it(study: tuple, tmp_
     assert [m.name for m in members] == [specs[0].name]
     assert len(skipped) == 1 and "mlp/trial-broken" in skipped[0]
     assert "oof.npz is truncated or corrupt" in skipped[0]
+
+
+# --- the stage on every core ---------------------------------------------------------------
+
+
+def _where(shared: int, item: int) -> tuple[int, int, int]:
+    """(shared + item, the process that ran it, its torch threads)."""
+    return shared + item, os.getpid(), torch.get_num_threads()
+
+
+def test_forked_map_runs_items_in_forked_one_thread_processes_and_keeps_their_order() -> None:
+    """Two workers: every item runs in a process forked for it (not this one) on one torch
+    thread, whatever this process runs on, and the results come back in the items' order,
+    however the two shared them; one worker: one forked process; none: every item here."""
+    here, before = os.getpid(), torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        two = list(forked_map(_where, 10, range(6), 2))
+        one = list(forked_map(_where, 10, range(3), 1))
+        none = list(forked_map(_where, 10, range(3), 0))
+    finally:
+        torch.set_num_threads(before)
+    assert [v for v, _, _ in two] == [10, 11, 12, 13, 14, 15]
+    assert here not in {pid for _, pid, _ in two} and len({pid for _, pid, _ in two}) <= 2
+    assert {threads for _, _, threads in two} == {1}
+    assert [v for v, _, _ in one] == [10, 11, 12] and len({(p, t) for _, p, t in one}) == 1
+    assert one[0][1] != here and one[0][2] == 1  # forked, one thread
+    assert none == [(10, here, 3), (11, here, 3), (12, here, 3)]
+
+
+def test_member_inference_on_two_processes_is_the_one_process_result_bit_for_bit(
+    study: tuple,
+) -> None:
+    """Members with a TTA view, the best member's fold models alone, the refit network and a
+    member's out-of-fold TTA rows: the same float64 probabilities from one process as from two;
+    and they are each fold model's own probabilities, computed here a network at a time."""
+    cfg, data, split = study
+    members, _ = load_members(specs_of(cfg), split.train_idx, cfg.cv.folds)
+    checkpoints = [m.checkpoints for m in members]
+    best = search.completed_trials(cfg, "mlp", search.open_storage(cfg))[0].number
+    refit = cfg.out / "refits" / "mlp" / f"{best:04d}" / "model.pt"
+    x, flip = data.rows(split.test_idx), views.resolve(["hflip"])
+    one, two = (
+        test_probas(checkpoints, x, 1, refits=[refit], views=flip, workers=w) for w in (1, 2)
+    )
+    for a, b in [(one.members, two.members), (one.folds, two.folds), (one.refits, two.refits)]:
+        assert a is not None and b is not None and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    folds = [predict_proba(load_model(p), x) for p in checkpoints[1]]
+    np.testing.assert_array_equal(two.folds, np.stack(folds))
+    np.testing.assert_array_equal(two.members[1], np.mean(folds, axis=0))
+    assert two.refits is not None
+    np.testing.assert_array_equal(two.refits[0], predict_proba(load_model(refit), x))
+    # member 1's TTA variant: the mean over its fold models of the image and its mirror image
+    images = data.images(split.test_idx)
+    mirrored = [predict_proba(load_model(p), images.flip(-1)) for p in checkpoints[1]]
+    np.testing.assert_allclose(
+        two.members[len(members) + 1], np.mean(folds + mirrored, axis=0), rtol=0, atol=1e-12
+    )
+    # out-of-fold TTA: each fold model on its own rows (any partition of the rows will do here)
+    train, oof = data.rows(split.train_idx), members[1].oof
+    held = np.array_split(np.arange(len(split.train_idx)), len(checkpoints[1]))
+    one_oof, two_oof = (tta_oof(checkpoints[1], train, held, oof, flip, workers=w) for w in (1, 2))
+    assert not np.isnan(two_oof).any()
+    np.testing.assert_array_equal(one_oof, two_oof)
+
+
+def _with(cfg: StudyConfig, **ensemble: int) -> StudyConfig:
+    """The study with these [ensemble] keys."""
+    return cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(update=ensemble)})
+
+
+def test_the_stage_checks_its_graph_on_a_sample_and_reuses_its_result_at_any_worker_count(
+    study: tuple, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole stage on two processes: its ONNX graph checked on `check_rows` test rows;
+    then run again with one process and every row checked: `workers` and `check_rows` change
+    how the stage runs, not its result, so the stored one is reused and the test split is not
+    looked at again."""
+    cfg, data, split = study
+    first = _with(cfg, workers=2, check_rows=50)
+    stages.ensemble_stage(first, data, split, Tracker(first, enabled=False))
+    said = " ".join(capsys.readouterr().out.split())
+    n = len(split.test_idx)
+    assert f"over {n:,} rows on 2 processes" in said
+    assert f"on 50 of {n} test rows labels equal" in said
+    again = _with(cfg, workers=1, check_rows=0)
+    stages.ensemble_stage(again, data, split, Tracker(again, enabled=False))
+    assert "ensemble inputs unchanged: reusing" in " ".join(capsys.readouterr().out.split())
+    assert len(RunStore(cfg.out).test_looks()) == 1
+
+
+def test_graph_sample_is_seeded_sorted_and_all_rows_when_asked() -> None:
+    drawn = graph.sample(1000, 64, seed=3)
+    assert len(drawn) == 64 == len(set(drawn.tolist())) and np.all(np.diff(drawn) > 0)
+    assert drawn.min() >= 0 and drawn.max() < 1000
+    assert graph.sample(1000, 64, seed=3).tolist() == drawn.tolist()
+    assert graph.sample(1000, 64, seed=4).tolist() != drawn.tolist()
+    assert graph.sample(1000, 0, seed=3).tolist() == list(range(1000))  # 0: every row
+    assert graph.sample(40, 64, seed=3).tolist() == list(range(40))  # fewer rows than asked

@@ -523,7 +523,7 @@ def test_a_worker_that_started_a_trial_too_many_runs_nothing(
     at once (FAIL, user attr `surplus`, no parameters, no folder) and is counted nowhere."""
     cfg = load_study(tiny_file, trials=2)
     data, split, study = prepare(cfg)
-    real, lied = search.trials._has_work, []
+    real, lied = search.worker._has_work, []
 
     def stale_read(s: optuna.Study, target: int) -> bool:  # says "room" once, when it is full
         if len(counted(s)) == 2 and not lied:
@@ -531,7 +531,7 @@ def test_a_worker_that_started_a_trial_too_many_runs_nothing(
             return True
         return real(s, target)
 
-    monkeypatch.setattr(search.trials, "_has_work", stale_read)
+    monkeypatch.setattr(search.worker, "_has_work", stale_read)
     search.run_worker(cfg, data, split, Tracker(cfg, enabled=False))
     trials = study.get_trials()
     assert [t.state for t in trials][2:] == [TrialState.FAIL]

@@ -7,9 +7,11 @@ trusts these objects and never re-validates them.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -48,14 +50,30 @@ class SearchConfig(_Frozen):
     workers: int = Field(0, ge=0)  # worker processes; 0 = one per core
     sampler: Literal["tpe", "random"] = "tpe"
     startup_trials: int = Field(8, ge=0)  # random trials before TPE models the space
-    pruner: Literal["median", "percentile", "none"] = "median"
+    # per-epoch median or percentile pruning (with the two keys below); "hyperband" or "asha":
+    # rungs over the epochs of fold 0, then a Wilcoxon test per fold (workbench/search/fidelity.py)
+    pruner: Literal["median", "percentile", "none", "hyperband", "asha"] = "median"
     pruner_startup_trials: int = Field(4, ge=0)  # finished trials before any pruning
     pruner_warmup_epochs: int = Field(2, ge=0)  # epochs of each fold never pruned
     percentile: float = Field(25.0, gt=0.0, lt=100.0)  # for pruner = "percentile"
+    # hyperband/asha: prune a trial whose completed folds are worse than the best trial's at this
+    # one-sided p (exact Wilcoxon signed-rank); k folds give p >= 2^-k: at 0.1, from the 4th fold
+    wilcoxon_p: float = Field(0.1, gt=0.0, le=1.0)
     storage: str | None = None  # Optuna RDB URL; default sqlite in the output folder
     heartbeat: int = Field(10, ge=1)  # s between a running trial's heartbeats; stale after 3 missed
     # with GPUs: workers default to (GPUs x workers_per_gpu), worker i on GPU i mod GPUs
     workers_per_gpu: int = Field(1, ge=1)
+    # wall-clock budget of the whole `workbench study` command, in seconds ("30m", "2h", "1h30m"
+    # and "90s" are read too; --budget sets it): a trial starts only while it can finish, model
+    # families compete for the time (workbench/search/budget.py), and the trial counts become
+    # upper bounds. None: no budget
+    budget: float | None = Field(None, gt=0.0, strict=False)
+    min_trials: int = Field(2, ge=1)  # with a budget: trials every model family is given
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return duration_seconds(v) if isinstance(v, str) else v
 
 
 class TrainConfig(_Frozen):
@@ -263,10 +281,13 @@ class StudyConfig(_Frozen):
 # --- loading -----------------------------------------------------------------------------------
 
 
-def load_study(path: str | Path, trials: int | None = None) -> StudyConfig:
+def load_study(
+    path: str | Path, trials: int | None = None, budget: str | None = None
+) -> StudyConfig:
     """Read a study file; every error names the file, the key path, the value and what is valid.
 
-    `trials` (the CLI's --trials) sets the number of trials of every model study.
+    `trials` (the CLI's --trials) sets the number of trials of every model study; `budget` (the
+    CLI's --budget, "30m") sets search.budget.
     """
     path = Path(path)
     try:
@@ -275,6 +296,8 @@ def load_study(path: str | Path, trials: int | None = None) -> StudyConfig:
         raise ConfigError(f"{path}: study file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    if budget is not None:
+        raw.setdefault("search", {})["budget"] = budget
     if trials is not None:
         raw.setdefault("search", {})["trials"] = trials
         for spec in raw.get("models", {}).values():
@@ -284,6 +307,24 @@ def load_study(path: str | Path, trials: int | None = None) -> StudyConfig:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format(path, e)) from None
+
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration_seconds(text: str) -> float:
+    """ "1h30m" -> 5400.0: hours, minutes and seconds, each optional, in that order; a bare
+    number is seconds."""
+    with contextlib.suppress(ValueError):
+        return float(text)
+    m = _DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or m is None or not any(m.groups()):
+        raise ValueError(
+            f"a duration like '30m', '2h', '1h30m' or '90s' (or a number of seconds) must be "
+            f"given, not {text!r}"
+        )
+    return sum(float(v) * _UNITS[u] for v, u in zip(m.groups(), "hms", strict=True) if v)
 
 
 def _format(path: Path, e: ValidationError) -> str:

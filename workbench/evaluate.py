@@ -164,7 +164,11 @@ def _row_log_loss(proba: ArrayLike, y: NDArray[np.intp], name: str) -> NDArray[n
 def _bootstrap_means(d: NDArray[np.float64], n_boot: int, seed: int) -> NDArray[np.float64]:
     """Means of `d` (stats, rows) over `n_boot` row resamples with replacement: (stats, n_boot).
 
-    All statistics share each resample (paired). Resamples are drawn in blocks of CHUNK indices.
+    All statistics share each resample (paired). Resamples are drawn in blocks of CHUNK indices;
+    a resample's mean is its rows' counts times `d`, over n (one bincount and one matrix product
+    a block, rather than gathering every drawn row of every statistic: 2 statistics of 8,000
+    rows, 2,000 resamples took 0.13-0.26 s here against 0.51-0.63 s, the same means within
+    6e-15; the ensemble stage's ladder draws ~15 such bootstraps).
     """
     rng = np.random.default_rng(seed)
     n = d.shape[1]
@@ -172,7 +176,9 @@ def _bootstrap_means(d: NDArray[np.float64], n_boot: int, seed: int) -> NDArray[
     step = max(1, CHUNK // n)
     for start in range(0, n_boot, step):
         idx = rng.integers(0, n, size=(min(step, n_boot - start), n))
-        out[:, start : start + len(idx)] = d[:, idx].mean(axis=2)
+        k = len(idx)
+        counts = np.bincount((idx + n * np.arange(k)[:, None]).ravel(), minlength=k * n)
+        out[:, start : start + k] = d @ counts.reshape(k, n).T / n
     return out
 
 

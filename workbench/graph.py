@@ -120,6 +120,14 @@ def _place(written: Path, path: Path) -> None:
     os.replace(written, path)
 
 
+def sample(rows: int, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of `size` of `rows` rows drawn without replacement with `seed`, the rows
+    a graph is checked on (every row when `size` is 0 or not under `rows`)."""
+    if size == 0 or size >= rows:
+        return np.arange(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
+
+
 def check(model: FinalEnsemble, path: Path, x: Images, y: np.ndarray | None = None) -> GraphCheck:
     """Compare the graph at `path` with `model` on `x`, batch by batch (the test split of 224 px
     photos is GBs as float); ExportError when they disagree. Labels `y` only score the graph:

@@ -9,20 +9,31 @@ rows as they are and in every view (`tta_oof`), on other rows every fold model d
 (workbench/final.py, and so predict, the MLflow model and ONNX) runs it. The ensemble stage gets
 arrays from `test_probas`, which runs each fold model over every row through the training loop's
 one predict path (workbench/train.py) and takes the same mean.
+
+`test_probas` and `tta_oof` split their work into networks (`_network`: one fold model, refit
+or student over the rows) and give them to `workers` forked processes of one torch thread each
+(runtime.forked_map), one network at a time, in order: the same step, so the same probabilities
+bit for bit with one worker or many (tests/test_ensemble_stage.py). One worker is a forked
+process too: it keeps the memory it frees between batches, which the caller (the study's main
+process) should not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from workbench.config import EnsembleConfig
 from workbench.data import Rows
 from workbench.results import Cost, TestProbas
+from workbench.runtime import default_workers, forked_map
 from workbench.train import load_model, predict_proba
 from workbench.views import View
 
@@ -39,15 +50,43 @@ def member_proba(
     return torch.stack(each).mean(0)
 
 
-def fold_probas(models: Sequence[nn.Module], x: Rows | torch.Tensor) -> np.ndarray:
-    """(folds, rows, classes): each fold model's class probabilities (rows sum to 1)."""
-    return np.stack([predict_proba(m, x) for m in models])
+def processes(cfg: EnsembleConfig) -> int:
+    """The processes the ensemble stage predicts members on: `[ensemble] workers`, else one
+    per core, as the search runs."""
+    return cfg.workers or default_workers("cpu")
 
 
-def _viewed(model: nn.Module, x: Rows | torch.Tensor, views: Sequence[View]) -> np.ndarray:
-    """(1 + views, rows, classes): the model's probabilities on the rows as they are, then on
-    each view of them."""
-    return np.stack([predict_proba(model, x, view=v) for v in (None, *views)])
+@dataclass(frozen=True)
+class _Job:
+    """One network's share of member inference: what `_network` predicts."""
+
+    checkpoint: Path
+    viewed: bool = True  # on the rows as they are and in each view (a member's fold model)
+    rows: np.ndarray | None = None  # positions in the shared rows (a fold's); None: all of them
+
+
+_Shared = tuple[Rows | torch.Tensor, Sequence[View], str | torch.device]  # rows, views, device
+
+
+def _network(shared: _Shared, job: _Job) -> np.ndarray:
+    """(1 + views, rows, classes), or (1, rows, classes) for a job not `viewed`: the network's
+    probabilities on the rows as they are, then on each view of them. One model in memory."""
+    x, views, device = shared
+    if job.rows is not None:
+        assert isinstance(x, Rows), "a job of some rows needs rows of the image store"
+        x = x.subset(job.rows)
+    model = load_model(job.checkpoint, device)
+    passes = (None, *views) if job.viewed else (None,)
+    return np.stack([predict_proba(model, x, view=v) for v in passes])
+
+
+def _predicted(
+    shared: _Shared, jobs: Sequence[_Job], workers: int
+) -> Generator[np.ndarray, None, None]:
+    """`_network` of each job, in order, on `workers` processes forked for it
+    (runtime.forked_map); on a CUDA device, whose context a fork does not carry, here."""
+    on_cpu = torch.device(shared[2]).type == "cpu"
+    return forked_map(_network, shared, jobs, workers if on_cpu else 0)
 
 
 def tta_oof(
@@ -57,14 +96,17 @@ def tta_oof(
     oof: np.ndarray,
     views: Sequence[View],
     device: str | torch.device = "cpu",
+    workers: int = 1,
 ) -> np.ndarray:
     """(rows, classes): a member's out-of-fold probabilities averaged over `views`. Fold model k
     predicts only its own validation rows `folds[k]` (positions in `rows`, the training split),
-    in every view; the rows as they are keep their stored out-of-fold probabilities `oof`."""
+    in every view; the rows as they are keep their stored out-of-fold probabilities `oof`.
+    `workers`: processes predicting, a fold model each at a time (`processes`)."""
     out = np.full_like(oof, np.nan)
-    for ckpt, held in zip(checkpoints, folds, strict=True):
-        viewed = _viewed(load_model(ckpt, device), rows.subset(held), views)[1:]
-        out[held] = (oof[held] + viewed.sum(axis=0)) / (1 + len(views))
+    jobs = [_Job(p, rows=held) for p, held in zip(checkpoints, folds, strict=True)]
+    with contextlib.closing(_predicted((rows, views, device), jobs, workers)) as each:
+        for held, viewed in zip(folds, each, strict=True):
+            out[held] = (oof[held] + viewed[1:].sum(axis=0)) / (1 + len(views))
     return out
 
 
@@ -84,23 +126,27 @@ def test_probas(
     refits: Sequence[Path] = (),
     views: Sequence[View] = (),
     student: Path | None = None,
+    workers: int = 1,
 ) -> TestProbas:
     """Every member's fold mean, then (given `views`) every member's TTA variant in the same
     order; member `best`'s fold models each alone, without views (the ladder's one network;
     (0, rows, classes) when `best` is None); each refit network's probabilities, and the
-    distilled `student`'s."""
+    distilled `student`'s. `workers`: processes predicting, one network each at a time
+    (`processes`); every network's probabilities are the same whatever the count."""
+    networks = [*refits, *([student] if student else [])]  # one network each, without views
+    jobs = [_Job(p) for m in members for p in m] + [_Job(p, viewed=False) for p in networks]
     means, tta, alone = [], [], None
-    for i, checkpoints in enumerate(members):
-        # (folds, 1 + views, rows, classes); one model in memory at a time
-        each = np.stack([_viewed(load_model(p, device), x, views) for p in checkpoints])
-        means.append(each[:, 0].mean(axis=0))
-        if views:
-            tta.append(each.mean(axis=(0, 1)))
-        if i == best:
-            alone = each[:, 0]
+    with contextlib.closing(_predicted((x, views, device), jobs, workers)) as out:
+        for i, checkpoints in enumerate(members):
+            each = np.stack([next(out) for _ in checkpoints])  # (folds, 1 + views, rows, classes)
+            means.append(each[:, 0].mean(axis=0))
+            if views:
+                tta.append(each.mean(axis=(0, 1)))
+            if i == best:
+                alone = each[:, 0]
+        refit = np.stack([next(out)[0] for _ in refits]) if refits else None
+        taught = next(out)[0] if student else None
     stacked = np.stack(means + tta)
-    refit = fold_probas([load_model(p, device) for p in refits], x) if refits else None
-    taught = fold_probas([load_model(student, device)], x)[0] if student else None
     return TestProbas(stacked, alone if alone is not None else stacked[:0], refit, taught)
 
 

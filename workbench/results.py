@@ -291,3 +291,22 @@ def student_sentence(keeps: float) -> str:
             f"accuracy gain over one network ({keeps:.0%})"
         )
     return f"the student keeps {keeps:.0%} of the shipped model's accuracy gain over one network"
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """What one model family got of a study's time budget (search.budget)."""
+
+    model: str
+    trials: int  # runs finished: complete and pruned
+    seconds: float  # worker-seconds its trials ran, finished or stopped
+    undone: str  # what it did not get: trials not started, runs stopped at the deadline
+
+
+@dataclass(frozen=True)
+class Spending:
+    """The last `workbench study`'s time budget and what the search spent it on."""
+
+    budget: float  # s, for the whole command
+    reserve: float  # s kept for the stages after the search
+    models: list[ModelUse]

@@ -10,17 +10,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import logging
 import os
 import random
+import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+FORK = sys.platform == "linux"  # macOS frameworks and Windows do not allow fork after imports
+S = TypeVar("S")  # what every item shares
+T = TypeVar("T")  # an item
+R = TypeVar("R")  # a result
 
 
 def configure_threads(threads: int = 1) -> None:
@@ -42,6 +51,53 @@ def all_cores() -> Iterator[int]:
         yield cores or 1
     finally:
         torch.set_num_threads(before)
+
+
+def forked_map(
+    fn: Callable[[S, T], R], shared: S, items: Sequence[T], workers: int = 1
+) -> Generator[R, None, None]:
+    """`fn(shared, item)` for each item, in order, yielded as each is ready: on Linux in
+    `workers` processes forked now, each of one torch thread and keeping the memory it frees
+    (`keep_freed_memory`); with 0 workers, or elsewhere, in this process (0: for work on a CUDA
+    device, whose context a fork does not carry). One worker is a forked process too, so this
+    process's heap does not grow by the work. `shared` (an image store's rows, a model) reaches
+    the workers by the fork, never pickled; each item and each result is pickled. Work that is
+    the same on one thread in any process gives the same results bit for bit whatever the
+    count. Each result waits in this process until it is taken: take them as they come.
+    Measured here: forking two workers from a process that holds what the ensemble stage
+    imports (torch, scikit-learn, onnxruntime), and ending them, costs 0.05 s."""
+    n = min(workers, len(items))
+    if not FORK or n == 0:
+        yield from (fn(shared, item) for item in items)
+        return
+    ctx = get_context("fork")
+    pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_enter, initargs=(fn, shared))
+    try:
+        yield from pool.map(_call, items)
+    finally:  # an error or Ctrl-C here: the items not started are dropped, not run
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_TASK: tuple[Callable[[Any, Any], Any], Any] | None = None  # in a forked worker: (fn, shared)
+
+
+def _enter(fn: Callable[[Any, Any], Any], shared: Any) -> None:
+    """A forked worker's start: one torch thread, freed memory kept for the next item; Ctrl-C
+    is the parent's to handle (it drops the items not started); the collector leaves the
+    parent's objects alone, so their pages stay shared rather than copied by a collection's
+    walk."""
+    global _TASK
+    configure_threads(1)
+    keep_freed_memory()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.freeze()
+    _TASK = (fn, shared)
+
+
+def _call(item: Any) -> Any:
+    assert _TASK is not None, "a forked_map worker runs items only after _enter"
+    fn, shared = _TASK
+    return fn(shared, item)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -153,6 +209,27 @@ def trim_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep what this process frees for its next allocation (a no-op elsewhere): for
+    a process that lives for one task of like batches, a forked_map worker predicting rows.
+
+    By default glibc gives large freed blocks back to the kernel (those above its mmap
+    threshold, and the heap's top above its trim threshold), and the next batch faults them in
+    again. Measured here, a resnet (depth 10, width 16) over 8,000 28x28 rows, batches of 128:
+    3.6-3.9 s, 1.0-1.4 s of it in the kernel; with blocks up to 256 MB kept in the heap and the
+    heap never trimmed below 1 GB, 2.3-2.6 s, 0.01 s in the kernel (each setting alone: 4.7 and
+    7.3 s); bench item 13's 72 fold models, 140 s and 101 s. A process whose own large frees
+    have raised glibc's threshold already gains little (the `ensemble` command's: 107 s in it,
+    108 s in one forked worker). The process holds its largest batch's memory until it ends."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 MADV_DONTNEED = 4  # Linux's value on every architecture

@@ -50,9 +50,15 @@ def tta_members(
     rows, y = ds.rows(split.train_idx), ds.y[split.train_idx].numpy()
     held = [va for _, va in split.folds(y, cfg.cv.folds, cfg.seed)]  # the members' folds
     tta, names = views.resolve(cfg.ensemble.tta), cfg.ensemble.tta
+    workers = infer.processes(cfg.ensemble)
     out = [
         tta_member(
-            m, infer.tta_oof(m.checkpoints, rows, held, m.oof, tta), y, held, cfg.cv.metric, names
+            m,
+            infer.tta_oof(m.checkpoints, rows, held, m.oof, tta, workers=workers),
+            y,
+            held,
+            cfg.cv.metric,
+            names,
         )
         for m in members
     ]

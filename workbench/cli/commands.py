@@ -11,6 +11,7 @@ writes a file or forks a worker.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -48,6 +49,14 @@ TrialsOpt = Annotated[int | None, typer.Option("--trials", min=1, help="trials p
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", help="worker processes; default: one per core")
 ]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="wall-clock time for the whole command, e.g. 30m, 2h, 1h30m: trials start only "
+        "while they can finish; sets search.budget",
+    ),
+]
 
 
 def _fail(e: WorkbenchError) -> typer.Exit:
@@ -56,11 +65,15 @@ def _fail(e: WorkbenchError) -> typer.Exit:
 
 
 def prepare(
-    file: Path, data_path: str | None, trials: int | None, command: Command = "study"
+    file: Path,
+    data_path: str | None,
+    trials: int | None,
+    command: Command = "study",
+    budget: str | None = None,
 ) -> tuple[StudyConfig, ImageData, Split]:
     """Load and check the study file, run `command`'s preflight checks, then read the data and
     the held-out split (made once, persisted; `check` makes it in memory if there is none)."""
-    cfg = load_study(file, trials=trials)
+    cfg = load_study(file, trials=trials, budget=budget)
     try:
         check_models(cfg)
     except ConfigError as e:
@@ -97,11 +110,13 @@ def study(
     data: DataOpt = None,
     trials: TrialsOpt = None,
     workers: WorkersOpt = None,
+    budget: BudgetOpt = None,
 ) -> None:
     """Run the study: one Optuna search per model, each trial scored by k-fold CV."""
+    started = time.time()  # a budget counts from here: the whole command
     configure_threads(1)  # before any torch work: the forked workers inherit one thread
     try:
-        cfg, ds, split = prepare(file, data, trials)
+        cfg, ds, split = prepare(file, data, trials, budget=budget)
         console.print(
             f"[bold]{cfg.name}[/]: {ds.source}, {len(split.train_idx)} training rows "
             f"({cfg.cv.folds} folds), {len(split.test_idx)} held-out test rows ({split.kind} "
@@ -119,7 +134,9 @@ def study(
             else list(spawn_workers(file, data, trials, n, logs))
         )
         try:
-            rows, interrupted, tracker = _search(cfg, procs, file, _tracker(cfg, ds, split))
+            rows, interrupted, tracker = _search(
+                cfg, procs, file, _tracker(cfg, ds, split), started
+            )
         finally:
             for p in procs:
                 p.close()
@@ -165,11 +182,14 @@ def _tracker(cfg: StudyConfig, ds: ImageData, split: Split) -> Tracker:
 
 
 def _search(
-    cfg: StudyConfig, procs: list[Worker], file: Path, tracker: Tracker
+    cfg: StudyConfig, procs: list[Worker], file: Path, tracker: Tracker, started: float
 ) -> tuple[list[search.ModelProgress], bool, Tracker]:
     """Create the studies and their MLflow runs, run the workers, end the runs."""
     storage = search.open_storage(cfg)
-    search.create_studies(cfg, storage)
+    studies = search.create_studies(cfg, storage)
+    deadline = search.budget.start(cfg, studies, started, RunStore(cfg.out).file("timings.json"))
+    if deadline is not None:
+        console.print(deadline.describe(), highlight=False)
     for model in cfg.models:
         tracker.study_run(model, create=True)
     tracker.describe(file)

@@ -30,6 +30,7 @@ from workbench.cv import split_hparams
 from workbench.data import V2_KEYS, ImageData, Split
 from workbench.errors import WorkbenchError
 from workbench.models import create_model
+from workbench.runtime import FORK as FORK  # re-exported: the study forks its workers where true
 from workbench.runtime import (
     configure_threads,
     release_file_pages,
@@ -38,8 +39,6 @@ from workbench.runtime import (
 )
 from workbench.tracking import DataRef, Tracker
 from workbench.train import EVAL_BATCH, Interrupted, fit
-
-FORK = sys.platform == "linux"  # macOS frameworks and Windows do not allow fork after imports
 
 
 def work(cfg: StudyConfig, data: ImageData, split: Split, index: int) -> int:

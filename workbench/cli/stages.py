@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -26,12 +26,14 @@ from workbench.errors import CheckpointError
 from workbench.files import atomic_write
 from workbench.final import FinalEnsemble
 from workbench.report import ModelSection, ReportInputs, TrialRow, write_report
+from workbench.results import TestProbas
 from workbench.runtime import configure_threads, release_file_pages
 from workbench.store import RunStore
 from workbench.tracking import CHAMPION, Tracker
 
 if TYPE_CHECKING:
-    pass
+    from workbench.data import Rows
+    from workbench.views import View
 
 REPORTS = Path("reports")  # reports/<study>.html, beside the study files
 
@@ -104,6 +106,7 @@ def report_inputs(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracke
         misclassified_images=images,
         created=datetime.now().isoformat(timespec="seconds"),
         skipped_files=list(ds.skipped),
+        budget=search.budget.spending(cfg, storage),
     )
 
 
@@ -157,6 +160,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
     tta = views.resolve(cfg.ensemble.tta)
     student = plan_student(cfg, ds, split, members, store)
     taught = store.student_checkpoint if student else None
+    workers = infer.processes(cfg.ensemble)
     results = run_ensemble(
         members,
         ds.y[split.train_idx].numpy(),
@@ -164,9 +168,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         cfg.ensemble,
         store,
         cfg.seed,
-        lambda best: infer.test_probas(
-            checkpoints, x_test, best, refits=refit_ckpts, views=tta, student=taught
-        ),
+        lambda best: _test_probas(best, checkpoints, x_test, refit_ckpts, tta, taught, workers),
         cfg.cv.metric,
         cfg.cv.folds,
         lambda: candidates.costs(
@@ -195,7 +197,7 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         if student is not None:
             package_student(cfg, ds, store)
         final = FinalEnsemble.load(store.final)  # once: the ONNX check and the package use it
-        onnx = _export_onnx(final, store, ds, split)
+        onnx = _export_onnx(final, store, ds, split, cfg)
         run_id = ""
         if tracker.enabled:
             pixels = ds.pixels[split.test_idx[:2]].numpy()
@@ -217,6 +219,29 @@ def _ensemble(cfg: StudyConfig, ds: ImageData, split: Split, tracker: Tracker) -
         console.print(escape(line), highlight=False)
 
 
+def _test_probas(
+    best: int,
+    members: Sequence[Sequence[Path]],
+    x: Rows,
+    refits: Sequence[Path],
+    tta: Sequence[View],
+    student: Path | None,
+    workers: int,
+) -> TestProbas:
+    """infer.test_probas on `workers` processes, and a line saying what it ran and in what time
+    (a fold model of a TTA member makes a pass over the rows per view, and one as they are)."""
+    t0 = time.perf_counter()
+    probas = infer.test_probas(
+        members, x, best, refits=refits, views=tta, student=student, workers=workers
+    )
+    passes = sum(map(len, members)) * (1 + len(tta)) + len(refits) + (student is not None)
+    console.print(
+        f"test probabilities: {passes} network passes over {len(x):,} rows on {workers} "
+        f"process{'es' if workers > 1 else ''}: {time.perf_counter() - t0:.1f} s"
+    )
+    return probas
+
+
 def _external_note(path: Path) -> str:
     """What a user must know of a graph whose weights are in a file beside it."""
     data = graph.data_file(path)
@@ -227,13 +252,20 @@ def _external_note(path: Path) -> str:
     )
 
 
-def _export_onnx(final: FinalEnsemble, store: RunStore, ds: ImageData, split: Split) -> Path:
-    """The final model as one ONNX graph, checked on the test split against the torch module."""
+def _export_onnx(
+    final: FinalEnsemble, store: RunStore, ds: ImageData, split: Split, cfg: StudyConfig
+) -> Path:
+    """The final model as one ONNX graph, checked against the torch module on `[ensemble]
+    check_rows` test rows (a seeded sample; all of them when 0). The check reads no labels: it
+    is no look at the test split."""
     t0 = time.perf_counter()
-    checked = graph.export_onnx(final, store.onnx, ds.rows(split.test_idx))
+    n = len(split.test_idx)
+    rows = split.test_idx[graph.sample(n, cfg.ensemble.check_rows, cfg.seed)]
+    checked = graph.export_onnx(final, store.onnx, ds.rows(rows))
+    which = f"{checked.rows} test rows" if checked.rows == n else f"{checked.rows} of {n} test rows"
     console.print(
-        f"ONNX graph: {store.onnx} ({checked.bytes / 1e6:.1f} MB; on {checked.rows} test rows "
-        f"labels equal, max |p - p_torch| {checked.max_abs_diff:.1e}; "
-        f"{time.perf_counter() - t0:.1f} s)" + _external_note(store.onnx)
+        f"ONNX graph: {store.onnx} ({checked.bytes / 1e6:.1f} MB; on {which} labels equal, "
+        f"max |p - p_torch| {checked.max_abs_diff:.1e}; {time.perf_counter() - t0:.1f} s)"
+        + _external_note(store.onnx)
     )
     return store.onnx

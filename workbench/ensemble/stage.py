@@ -58,6 +58,9 @@ from workbench.results import (
 from workbench.store import RunStore
 
 MISCLASSIFIED_SHOWN = 64  # the report's grid of misclassified test images
+# [ensemble] keys that change how the stage runs, not its result: a stored result is reused
+# whatever they are (and with them left out, results stored before they existed match still)
+HOW_IT_RUNS = {"workers", "check_rows"}
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,9 @@ def cross_validated_proba(
     combiner: Any, P: np.ndarray, y: np.ndarray, seed: int, folds: int = 5
 ) -> np.ndarray:
     """The combiner's OOF-row predictions (rows, classes): fit on k-1 folds of the rows, predict
-    the k-th, k times."""
+    the k-th, k times. One fold after another: on bench item 13's study (18 members, 2,000 OOF
+    rows, 4 folds) the four methods' folds take ~1 s of a stage of over 100 s, and fitting them
+    on two threads or two forked processes saved 0.2 s (medians of 5, 2 cores)."""
     out = np.zeros(P.shape[1:])
     for fit_rows, held in _folds(y, folds, seed):
         out[held] = clone(combiner).fit(P[:, fit_rows], y[fit_rows]).predict_proba(P[:, held])
@@ -121,7 +126,8 @@ def fingerprint(
     refits: Sequence[Refit] = (),
     student: str = "",
 ) -> str:
-    h = hashlib.sha256(f"format {FORMAT}".encode() + cfg.model_dump_json().encode())
+    config = cfg.model_dump_json(exclude=HOW_IT_RUNS).encode()
+    h = hashlib.sha256(f"format {FORMAT}".encode() + config)
     h.update(student.encode())
     h.update(test.split_fingerprint.encode())
     h.update(" ".join(r.name for r in refits).encode())

@@ -94,8 +94,8 @@ def to_toml(d: dict[str, Any], path: tuple[str, ...] = ()) -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)  # TOML spells inf and nan as Python does
-        if isinstance(v, dict):
-            inner = ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items())
+        if isinstance(v, dict):  # TOML has no null: an unset key is left out of an inline table
+            inner = ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items() if x is not None)
             return "{ " + inner + " }" if inner else "{}"
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.results import EnsembleResult, TestLook
+from workbench.results import EnsembleResult, Spending, TestLook
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class TrialRow:
     params: dict[str, Any]  # hyperparameters, names as in the study file
     seconds: float | None  # wall time
     mlflow_run_id: str | None
+    # what it trained: epochs summed over folds x folds started, e.g. "7 ep x 1 fold" (None for
+    # trials from before it was recorded); epochs_trained is that sum (the column's sort key)
+    used: str | None = None
+    epochs_trained: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,5 +62,6 @@ class ReportInputs:
     misclassified_images: Any | None  # float array (n, H, W) or (n, H, W, C) in [0, 1]
     created: str  # ISO timestamp
     skipped_files: list[str] = field(default_factory=list)  # "path: reason" (on_bad_file = skip)
+    budget: Spending | None = None  # search.budget of the last `workbench study`, and its use
     # every look at the test split so far, by any command, oldest first (the store's log)
     test_looks: list[TestLook] = field(default_factory=list)

@@ -20,6 +20,9 @@ Pruning. The folds are the same for every trial (seeded once per study), so "fol
 the same task in every trial. A trial reports its current fold's validation metric at step
 `k * max_epochs + e`, and the median (or percentile) pruner compares it with other trials at the
 same step: a hopeless trial is stopped within its first fold, not after k full trainings.
+Multi-fidelity pruners (hyperband, asha: search/fidelity.py) give fold 0's epochs in rungs and
+test each completed fold against the best trial's. A time budget (search/budget.py) starts only
+trials that can finish by the study's deadline and lets model families compete for trials.
 
 Interrupted trials. Ctrl-C stops a worker after the current epoch; its running trial ends FAIL
 with user attr `interrupted` and a copy with the same parameters is queued (as for a dead
@@ -42,7 +45,7 @@ On disk: the run store's layout (workbench/store.py). A completed trial records 
 
 from optuna.storages import RDBStorage
 
-from workbench.search import dashboard
+from workbench.search import budget, dashboard
 from workbench.search.followups import pending as pending_followups
 from workbench.search.followups import refit_hp
 from workbench.search.results import (
@@ -71,7 +74,8 @@ from workbench.search.storage import (
     storage_url,
     study_name,
 )
-from workbench.search.trials import Objective, run_worker, sample_params
+from workbench.search.trials import Objective, sample_params
+from workbench.search.worker import _has_work, run_worker
 
 __all__ = [
     "DIRECTIONS",
@@ -83,6 +87,7 @@ __all__ = [
     "StaleTrial",
     "TrialRecord",
     "_has_work",
+    "budget",
     "completed_trials",
     "create_studies",
     "dashboard",

@@ -15,6 +15,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from workbench.config import StudyConfig
+from workbench.search.fidelity import epoch_values
 from workbench.search.followups import completed
 from workbench.search.storage import DIRECTIONS, FINISHED, best_trial, study_name
 from workbench.tracking import TrialScore
@@ -125,7 +126,8 @@ def trial_rows(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[dict[s
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus"):
             continue  # a trial that ran nothing: the study was full when it started
-        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        epochs = epoch_values(t)  # not the fold scores a multi-fidelity pruner also reports
+        last = epochs[max(epochs)] if epochs else None
         rows.append(
             {
                 "number": t.number,
@@ -135,9 +137,21 @@ def trial_rows(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[dict[s
                 "params": dict(t.params),
                 "seconds": t.duration.total_seconds() if t.duration else None,
                 "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                "used": _used(t.user_attrs),
+                "epochs_trained": t.user_attrs.get("epochs_trained"),
             }
         )
     return rows
+
+
+def _used(attrs: dict[str, Any]) -> str | None:
+    """What a trial trained, e.g. "7 ep x 1 fold", "60 ep x 3 folds", "40 ep x 2 folds + 1 kept"
+    (folds a retry kept from its first try); None for a trial that did not record it."""
+    if "epochs_trained" not in attrs:
+        return None
+    folds, kept = int(attrs.get("folds_started", 0)), len(attrs.get("folds_resumed", []))
+    used = f"{attrs['epochs_trained']} ep x {folds} fold{'s' if folds != 1 else ''}"
+    return f"{used} + {kept} kept" if kept else used
 
 
 def scores(cfg: StudyConfig, model: str, storage: RDBStorage) -> list[TrialScore]:
