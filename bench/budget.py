@@ -153,7 +153,9 @@ def compare(
     return figs, {**details, "target": target, "t_median": t_median, "t_hyperband": t_hyper}
 
 
-def time_to_quality(tmp: Path, quick: bool, machine_tag: str) -> ItemResult:
+def time_to_quality(
+    tmp: Path, quick: bool, machine_tag: str, studies: tuple[str, ...] = ("digits", "mnist")
+) -> ItemResult:
     result = ItemResult(
         14,
         "Time to quality: hyperband against the median pruner",
@@ -166,10 +168,11 @@ def time_to_quality(tmp: Path, quick: bool, machine_tag: str) -> ItemResult:
             "final test log loss: both final models on the same test rows, 95 % paired bootstrap",
         ],
     )
-    figs, details = compare("digits", DIGITS_STUDY, tmp / "ttq-digits", None, quick)
-    result.figures += figs
-    result.details["digits"] = details
-    if MNIST_T10K.exists():
+    if "digits" in studies:
+        figs, details = compare("digits", DIGITS_STUDY, tmp / "ttq-digits", None, quick)
+        result.figures += figs
+        result.details["digits"] = details
+    if "mnist" in studies and MNIST_T10K.exists():
         n = MNIST_ROWS[quick]
         images, labels = mnist(n)
         folder = tmp / "ttq-mnist"

@@ -74,6 +74,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
         help="items to run, e.g. 1 or 2,3",
     )
+    p.add_argument(
+        "--budgets", default="", help="item 15's budgets in minutes, e.g. 5,10 (default 5,10,20)"
+    )
+    p.add_argument("--ttq", default="digits,mnist", help="item 14's studies: digits, mnist or both")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="output folder")
     p.add_argument("--keep", action="store_true", help="keep the temp folder of the studies")
     args = p.parse_args(argv)
@@ -171,11 +175,15 @@ def item_13(ctx: Context) -> ItemResult:
 
 
 def item_14(ctx: Context) -> ItemResult:
-    return budget.time_to_quality(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
+    studies = tuple(ctx.args.ttq.split(","))
+    tag = ctx.tag("1 torch thread per worker")
+    return budget.time_to_quality(ctx.tmp, ctx.args.quick, tag, studies)
 
 
 def item_15(ctx: Context) -> ItemResult:
-    return budget.budget_adherence(ctx.tmp, ctx.args.quick, ctx.tag("1 torch thread per worker"))
+    minutes = tuple(int(m) for m in ctx.args.budgets.split(",")) if ctx.args.budgets else None
+    tag = ctx.tag("1 torch thread per worker")
+    return budget.budget_adherence(ctx.tmp, ctx.args.quick, tag, minutes)
 
 
 ITEMS: dict[int, tuple[str, Callable[[Context], ItemResult]]] = {
