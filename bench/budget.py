@@ -184,17 +184,20 @@ def time_to_quality(
     return result
 
 
-def budget_adherence(tmp: Path, quick: bool, machine_tag: str) -> ItemResult:
+def budget_adherence(
+    tmp: Path, quick: bool, machine_tag: str, budgets: tuple[int, ...] | None = None
+) -> ItemResult:
+    budgets = budgets or BUDGETS[quick]
     result = ItemResult(
         15,
         "The time budget on the digits study",
         machine_tag,
         [
-            f"`workbench study studies/digits.toml --budget B` for B in {BUDGETS[quick]} min, "
+            f"`workbench study studies/digits.toml --budget B` for B in {budgets} min, "
             "tracking on (a local sqlite store), each in a fresh folder"
         ],
     )
-    for minutes in BUDGETS[quick]:
+    for minutes in budgets:
         folder = tmp / f"budget-{minutes}m"
         changes: dict[str, Any] = QUICK if quick else {}
         file = write_study(study_from(DIGITS_STUDY, folder, **changes), folder / "digits.toml")
