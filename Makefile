@@ -34,8 +34,8 @@ system-deps: ## Debian packages the tests use: chromium (report rendering), post
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
-study: install ## run a study: make study [STUDY=studies/x.toml] [DATA=path] [TRIALS=n] [WORKERS=n]
-	$(BIN)/workbench study $(STUDY) $(ARGS)
+study: install ## run a study: make study [STUDY=studies/x.toml] [DATA=path] [TRIALS=n] [WORKERS=n] [BUDGET=10m]
+	$(BIN)/workbench study $(STUDY) $(ARGS) $(if $(BUDGET),--budget $(BUDGET))
 
 check: install ## check STUDY's machine, storage, tracking and data, and print its plan; no training
 	$(BIN)/workbench check $(STUDY) $(ARGS)
