@@ -170,12 +170,8 @@ def are_test_rows(digests: list[bytes], data: ImageData, split: Split) -> np.nda
 def folder_labels(paths: list[str], classes: list[str]) -> list[str]:
     """Each file's class from the name of the folder it is in; an unknown name is an error."""
     truth = [Path(p).parent.name for p in paths]
-    unknown = sorted(set(truth) - set(classes))
-    if unknown:
-        raise DataError(
-            f"--labels-from-folders: folder name(s) {unknown} are not classes of the model "
-            f"{classes}; put each image in a folder named after its class"
-        )
+    fix = "; put each image in a folder named after its class"
+    _known(truth, classes, "--labels-from-folders: folder name(s)", fix)
     return truth
 
 
@@ -183,13 +179,15 @@ def table_labels(paths: list[str], manifest: Manifest, classes: list[str]) -> li
     """Each predicted file's class from the table that listed it; an unknown label is an error."""
     by_file = dict(zip(map(str, manifest.files), manifest.labels, strict=True))
     truth = [by_file[p] for p in paths]
+    _known(truth, classes, f"--labels-from-table {manifest.table}: label(s)", "")
+    return truth
+
+
+def _known(truth: list[str], classes: list[str], what: str, fix: str) -> None:
+    """A DataError naming the true labels that are no class of the model."""
     unknown = sorted(set(truth) - set(classes))
     if unknown:
-        raise DataError(
-            f"--labels-from-table {manifest.table}: label(s) {unknown} are not classes of the "
-            f"model {classes}"
-        )
-    return truth
+        raise DataError(f"{what} {unknown} are not classes of the model {classes}{fix}")
 
 
 def write_table(path: Path, cols: dict[str, list[object]]) -> Path:
