@@ -129,19 +129,52 @@ def test_the_deadline_stops_a_running_trial_and_queues_it_again(
     assert queued.params == first.params
 
 
-def test_a_family_far_behind_gets_min_trials_and_the_rest_go_to_the_better_one(
-    tiny_file: Path, tmp_path: Path
-) -> None:
-    """Two mlp families on the digits, one with a learning rate too small to learn anything in
-    2 epochs (near 10 % CV accuracy): with min_trials 2, it stops at 2 trials and the good
-    family gets every further trial, up to its cap of 6."""
-    cfg = _tiny(tiny_file, tmp_path, trials=6, min_trials=2, pruner="none")
+def test_spare_time_goes_back_to_held_back_families_best_first() -> None:
+    # by best CV accuracy a > b > c; halving alone holds b and c back (as above). The trials a
+    # has left take 10 worker-seconds, b's 10 more, c's 20 more (40 in all).
+    fam = {"a": Family(4, 0.9, 10.0), "b": Family(4, 0.8, 10.0), "c": Family(2, 0.3, 20.0)}
+    assert set(budget.held_back(fam, 2, maximize=True, spare=19.0)) == {"b", "c"}  # 10 + 10 > 19
+    assert set(budget.held_back(fam, 2, maximize=True, spare=20.0)) == {"c"}  # 10 + 10 + 20 > 20
+    assert budget.held_back(fam, 2, maximize=True, spare=40.0) == {}  # all of it fits
+    # a family whose trials were never measured cannot be shown to fit
+    fam = {**fam, "c": Family(2, 0.3)}
+    assert set(budget.held_back(fam, 2, maximize=True, spare=1e9)) == {"c"}
+
+
+def _two_families(tiny_file: Path, out: Path) -> StudyConfig:
+    """Two mlp families on the digits, caps of 6 trials, min_trials 2: "slow" has a learning
+    rate too small to learn anything in 2 epochs (near 10 % CV accuracy)."""
+    cfg = _tiny(tiny_file, out, trials=6, min_trials=2, pruner="none")
     good = cfg.models["mlp"]
     slow = good.model_copy(
         update={"arch": "mlp", "params": {**good.params, "lr": 1e-7}, "space": {}}
     )
-    cfg = cfg.model_copy(update={"models": {"mlp": good, "slow": slow}})
+    return cfg.model_copy(update={"models": {"mlp": good, "slow": slow}})
+
+
+def test_with_time_to_spare_every_family_gets_its_trials(tiny_file: Path, tmp_path: Path) -> None:
+    """600 s for 12 trials of a few seconds: halving never has to choose, and the family far
+    behind runs to its cap too."""
+    cfg = _two_families(tiny_file, tmp_path)
     studies = _run(cfg, budget.clock())
+    done = {m: sum(t.state == TrialState.COMPLETE for t in s.trials) for m, s in studies.items()}
+    assert done == {"mlp": 6, "slow": 6}
+    assert budget.ALLOCATION not in studies["slow"].user_attrs  # never held back
+    spent = budget.spending(cfg, search.open_storage(cfg))
+    assert spent is not None and [m.undone for m in spent.models] == ["nothing", "nothing"]
+
+
+def test_when_time_is_short_a_family_far_behind_gets_min_trials_and_the_rest_go_to_the_better_one(
+    tiny_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock stands 0.1 s before the search's end (at 480 s of the 600 s budget, a fifth
+    kept for the reserve) and a trial is estimated at 0 s, so every trial may start but no
+    family's remaining trials fit in the spare time: the slow family stops at min_trials and the
+    good one gets every further trial, up to its cap."""
+    cfg = _two_families(tiny_file, tmp_path)
+    monkeypatch.setattr(budget, "clock", lambda: T0 + 479.9)
+    monkeypatch.setattr(budget, "trial_seconds", lambda trials, e, f: 0.0)
+    studies = _run(cfg, T0)
     done = {m: sum(t.state == TrialState.COMPLETE for t in s.trials) for m, s in studies.items()}
     assert done == {"mlp": 6, "slow": 2}
     assert max(t.value for t in studies["slow"].trials) < min(

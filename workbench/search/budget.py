@@ -12,9 +12,12 @@ default digits study they took 80 s of 443, 18 %).
   model with nothing measured yet starts its first trial.
 - A running trial is stopped at `search_end` (after its current epoch): it is queued again with
   its completed folds, as a Ctrl-C'd trial is, and the ensemble uses what completed.
-- Families compete (`held_back`): every family is given `search.min_trials`; past that, successive
-  halving on their best CV scores: after a family's trials double past min_trials r times, it
-  gets new trials only while it ranks in the top ceil(families / 2^r). The trial counts are caps.
+- Families compete (`held_back`) when time is short: every family is given `search.min_trials`;
+  past that, successive halving on their best CV scores: after a family's trials double past
+  min_trials r times, it gets new trials only while it ranks in the top ceil(families / 2^r).
+  Halving holds a family back only while time is short: the trials left to the families it
+  keeps, and to the held-back ones better ranked, would not all finish before the search ends
+  (`spare`). Otherwise the spare time goes back to them, best first. The trial counts are caps.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from workbench.config import StudyConfig
 from workbench.results import ModelUse, Spending
 from workbench.search.fidelity import FOLD_STEP
-from workbench.search.storage import TAKEN, best_trial, study_name
+from workbench.search.storage import FINISHED, TAKEN, best_trial, study_name
 
 ATTR = "budget"  # the study user attr holding the deadline (JSON), or None without a budget
 ALLOCATION = "allocation"  # the study user attr: why the family stopped getting trials
@@ -138,11 +141,16 @@ class Family:
 
     taken: int  # trials finished, running or queued
     best: float | None  # its best CV score so far (None: none completed)
+    left: float = math.inf  # worker-seconds its trials up to its cap would take (inf: unknown)
 
 
-def held_back(families: Mapping[str, Family], min_trials: int, maximize: bool) -> dict[str, str]:
-    """The families that may not start a new trial now, each with the reason (successive
-    halving on best CV scores past `min_trials`; see the module docstring)."""
+def held_back(
+    families: Mapping[str, Family], min_trials: int, maximize: bool, spare: float = 0.0
+) -> dict[str, str]:
+    """The families that may not start a new trial now, each with the reason: successive
+    halving on best CV scores past `min_trials`, while the `spare` worker-seconds (those left
+    before the search ends, times the workers) cannot also run the held-back family's trials;
+    see the module docstring."""
     sign = 1.0 if maximize else -1.0
 
     def order(model: str) -> float:  # best first; a family with no completed trial last
@@ -160,8 +168,15 @@ def held_back(families: Mapping[str, Family], min_trials: int, maximize: bool) -
         if rank >= keep:
             out[model] = (
                 f"ranks {rank + 1} of {n} by best CV score after {taken} trials; successive "
-                f"halving keeps the top {keep} at {taken} trials (search.min_trials = {min_trials})"
+                f"halving keeps the top {keep} at {taken} trials while time is short "
+                f"(search.min_trials = {min_trials})"
             )
+    need = sum(f.left for m, f in families.items() if m not in out)
+    for model in [m for m in ranked if m in out]:  # spare time goes back, best first
+        need += families[model].left
+        if need > spare:
+            break
+        del out[model]
     return out
 
 
@@ -175,11 +190,13 @@ def in_turn(cfg: StudyConfig, jobs: list[Job], deadline: Deadline | None) -> lis
     if deadline is None:
         return jobs
     search = {name: study for name, study, *_ in jobs if name in cfg.models}
-    families = {
-        m: Family(len(s.get_trials(deepcopy=False, states=TAKEN)), _best(s))
-        for m, s in search.items()
-    }
-    held = held_back(families, cfg.search.min_trials, cfg.cv.metric == "accuracy")
+    families = {m: _family(s, cfg.trials_for(m)) for m, s in search.items()}
+    # the workers now: this one (between trials) and those running a trial, on any host
+    workers = 1 + sum(
+        len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) for _, s, *_ in jobs
+    )
+    spare = max(deadline.search_end - clock(), 0.0) * workers
+    held = held_back(families, cfg.search.min_trials, cfg.cv.metric == "accuracy", spare)
     for model, study in search.items():
         why = held.get(model)
         if study.user_attrs.get(ALLOCATION) != why:
@@ -191,9 +208,15 @@ def in_turn(cfg: StudyConfig, jobs: list[Job], deadline: Deadline | None) -> lis
     return kept + [j for j in jobs if j[0] not in search]
 
 
-def _best(study: optuna.Study) -> float | None:
+def _family(study: optuna.Study, cap: int) -> Family:
+    """`study`'s standing; its trials still to run cost what its finished ones took on average
+    (pruned ones included, so a hyperband family's short trials count as short)."""
+    trials = study.get_trials(deepcopy=False, states=TAKEN)
+    done = [t.duration.total_seconds() for t in trials if t.state in FINISHED and t.duration]
+    to_run = max(cap - len(trials), 0)
+    left = to_run * sum(done) / len(done) if done else (math.inf if to_run else 0.0)
     best = best_trial(study)
-    return None if best is None else best.value
+    return Family(len(trials), None if best is None else best.value, left)
 
 
 def spending(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> Spending | None:
