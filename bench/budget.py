@@ -6,7 +6,10 @@
     first trial's start to the end of the first trial at or past the target (from the Optuna
     storage's trial times). The goal: hyperband at least 2x faster, and its final model's test
     log loss no worse than the median run's within the 95 % paired-bootstrap CI of their
-    difference (both final models scored here on the same test rows).
+    difference (both final models scored here on the same test rows). A second figure, without a
+    goal, for accuracy studies: both searches' time to within one standard error of that target,
+    sqrt(p (1 - p) / n) over the n training rows the CV scores; the same parameters retrained
+    under another trial number move the CV score by about that much.
 15. `workbench study studies/digits.toml --budget B` for several B: the whole command's wall time
     over B (the goal: within 10 %), and the final model's test accuracy and log loss at each B.
 """
@@ -75,6 +78,18 @@ def best_value(storage: Path, maximize: bool) -> float:
     return time_to_target(storage, math.inf if maximize else -math.inf, maximize)[1]
 
 
+def near_target(label: str, storages: dict[str, Path], target: float, rows: int) -> Figure:
+    """Median / hyperband time to within one standard error of the accuracy `target`."""
+    se = math.sqrt(target * (1.0 - target) / rows)
+    t = {p: time_to_target(s, target - se, True)[0] for p, s in storages.items()}
+    note = f"to {target - se:.4f} ({target:.4f} - 1 SE of {se:.4f} over {rows} rows): " + ", ".join(
+        f"{p} at {'-' if v is None else f'{v:.0f} s'}" for p, v in t.items()
+    )
+    ratio = (t["median"] or math.nan) / t["hyperband"] if t["hyperband"] else math.nan
+    name = f"{label}: time to within 1 SE of the median's best, median / hyperband"
+    return Figure(name, ratio, "x", note=note)
+
+
 def final_probas(study_file: Path, data_path: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The study's final model's probabilities on its test rows, and their labels."""
     cfg = load_study(study_file)
@@ -138,6 +153,9 @@ def compare(
                 note=f"hyperband reached {target:.4f} at {t_hyper:.0f} s",
             )
         )
+    if maximize:
+        rows = len(load_npz(runs["median"].out / "split.npz")["train_idx"])
+        figs.append(near_target(label, storage, target, rows))
     figs.append(
         Figure(
             f"{label}: final test log loss, hyperband - median",

@@ -136,6 +136,8 @@ def test_spare_time_goes_back_to_held_back_families_best_first() -> None:
     assert set(budget.held_back(fam, 2, maximize=True, spare=19.0)) == {"b", "c"}  # 10 + 10 > 19
     assert set(budget.held_back(fam, 2, maximize=True, spare=20.0)) == {"c"}  # 10 + 10 + 20 > 20
     assert budget.held_back(fam, 2, maximize=True, spare=40.0) == {}  # all of it fits
+    # a family at its cap has nothing left to hold back, whatever its rank
+    assert "c" not in budget.held_back({**fam, "c": Family(8, 0.3, 0.0)}, 2, maximize=True)
     # a family whose trials were never measured cannot be shown to fit
     fam = {**fam, "c": Family(2, 0.3)}
     assert set(budget.held_back(fam, 2, maximize=True, spare=1e9)) == {"c"}

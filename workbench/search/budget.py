@@ -141,7 +141,8 @@ class Family:
 
     taken: int  # trials finished, running or queued
     best: float | None  # its best CV score so far (None: none completed)
-    left: float = math.inf  # worker-seconds its trials up to its cap would take (inf: unknown)
+    left: float = math.inf  # worker-seconds its trials up to its cap would take (0: at its cap;
+    # inf: not measured yet)
 
 
 def held_back(
@@ -161,7 +162,7 @@ def held_back(
     n, out = len(families), {}
     for rank, model in enumerate(ranked):
         taken = families[model].taken
-        if taken < min_trials:
+        if taken < min_trials or not families[model].left:  # below min_trials, or at its cap
             continue
         rounds = int(math.log2(taken / min_trials)) + 1  # halvings this family has reached
         keep = math.ceil(n / 2**rounds)
