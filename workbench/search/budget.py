@@ -12,12 +12,12 @@ default digits study they took 80 s of 443, 18 %).
   model with nothing measured yet starts its first trial.
 - A running trial is stopped at `search_end` (after its current epoch): it is queued again with
   its completed folds, as a Ctrl-C'd trial is, and the ensemble uses what completed.
-- Families compete (`held_back`) when time is short: every family is given `search.min_trials`;
-  past that, successive halving on their best CV scores: after a family's trials double past
-  min_trials r times, it gets new trials only while it ranks in the top ceil(families / 2^r).
-  Halving holds a family back only while time is short: the trials left to the families it
-  keeps, and to the held-back ones better ranked, would not all finish before the search ends
-  (`spare`). Otherwise the spare time goes back to them, best first. The trial counts are caps.
+- Families compete (`held_back`): every family is given `search.min_trials`; past that,
+  successive halving on their best CV scores: after a family's trials double past min_trials r
+  times, it gets new trials only while it ranks in the top ceil(families / 2^r). Halving holds a
+  family back only while time is short: while the trials left to the families it keeps, and to
+  the held-back ones better ranked, would not all finish before the search ends (`spare`);
+  otherwise the spare time goes back to them, best first. The trial counts are caps.
 """
 
 from __future__ import annotations
