@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from workbench.config import StudyConfig
 from workbench.results import ModelUse, Spending
-from workbench.search.fidelity import FOLD_STEP
+from workbench.search.fidelity import epoch_values
 from workbench.search.storage import FINISHED, TAKEN, best_trial, study_name
 
 ATTR = "budget"  # the study user attr holding the deadline (JSON), or None without a budget
@@ -114,8 +114,7 @@ def trial_seconds(trials: list[FrozenTrial], epochs: int, folds: int) -> float |
     trained an epoch yet."""
     now, seconds, trained = clock(), 0.0, 0
     for t in trials:
-        reported = sum(step < FOLD_STEP for step in t.intermediate_values)  # one per epoch
-        epochs_run = int(t.user_attrs.get("epochs_trained", reported))
+        epochs_run = int(t.user_attrs.get("epochs_trained", len(epoch_values(t))))
         if t.datetime_start is None or not epochs_run:
             continue
         ended = t.datetime_complete.timestamp() if t.datetime_complete else now
